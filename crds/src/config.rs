@@ -1,0 +1,233 @@
+//! The sidecar's configuration format, in two parts (DESIGN.md section 4):
+//!
+//! - [`SidecarBindings`]: the bindings of one service account, rendered by
+//!   the controller into a ConfigMap shared by all that account's pods;
+//! - [`PodPlaceholders`]: the placeholders of one pod, written by the webhook
+//!   into a pod annotation the sidecar reads through the downward API.
+//!
+//! Neither part ever holds a secret value. Both are strict: unknown fields
+//! are errors, so a typo in a hand-written local config is caught, and a
+//! format version guards against a sidecar older than its controller.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::binding::{HttpMethod, Surface, VaultSecretRef};
+use crate::{Error, Result, validate};
+
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The bindings of one service account, as the sidecar consumes them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarBindings {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The Vault Kubernetes-auth role the sidecar logs in with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_role: Option<String>,
+    /// The bindings, each with an id unique within this service account.
+    pub bindings: Vec<SidecarBinding>,
+}
+
+/// One binding, as the sidecar enforces it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarBinding {
+    /// The binding's id: the CredentialBinding's name. Placeholders are keyed by it.
+    pub id: String,
+    /// Where the real value lives.
+    pub secret: VaultSecretRef,
+    /// The only destinations the real value may go to.
+    pub destinations: Vec<SidecarDestination>,
+    /// Where in a request the placeholder may be swapped.
+    pub surfaces: Vec<Surface>,
+    /// How often to check Vault for a new version (e.g. `30s`).
+    pub refresh_interval: String,
+}
+
+/// A destination, with any extra CA already resolved to PEM (CA
+/// certificates are public; the controller copies them from the binding's
+/// `caConfigMap`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarDestination {
+    pub host: String,
+    pub port: u16,
+    /// Empty means any method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<HttpMethod>,
+    /// Empty means any path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Extra trust for this upstream, added to the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cleartext: bool,
+}
+
+impl SidecarBindings {
+    /// Parses and validates the JSON the controller writes.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let parsed: Self = serde_json::from_str(json).map_err(|e| Error::Parse {
+            what: "sidecar bindings".into(),
+            reason: e.to_string(),
+        })?;
+        parsed.validate()?;
+        Ok(parsed)
+    }
+
+    /// Checks what the type cannot: the format version, unique ids, and
+    /// every name against the same allowlists as the CRD schema.
+    pub fn validate(&self) -> Result<()> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(Error::invalid(
+                "formatVersion",
+                format!(
+                    "{} is not supported (expected {FORMAT_VERSION})",
+                    self.format_version
+                ),
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, b) in self.bindings.iter().enumerate() {
+            let at = |f: &str| format!("bindings[{i}].{f}");
+            if b.id.is_empty() || !ids.insert(b.id.as_str()) {
+                return Err(Error::invalid(
+                    at("id"),
+                    format!("{:?} is empty or repeated", b.id),
+                ));
+            }
+            validate::vault_mount(&at("secret.mount"), &b.secret.mount)?;
+            validate::vault_path(&at("secret.path"), &b.secret.path)?;
+            if !matches!(b.secret.kv_version, 1 | 2) {
+                return Err(Error::invalid(at("secret.kvVersion"), "must be 1 or 2"));
+            }
+            if b.destinations.is_empty() {
+                return Err(Error::invalid(at("destinations"), "must not be empty"));
+            }
+            if b.surfaces.is_empty() {
+                return Err(Error::invalid(at("surfaces"), "must not be empty"));
+            }
+            for (j, d) in b.destinations.iter().enumerate() {
+                validate::host(&at(&format!("destinations[{j}].host")), &d.host)?;
+                for (k, p) in d.paths.iter().enumerate() {
+                    validate::http_path(&at(&format!("destinations[{j}].paths[{k}]")), p)?;
+                }
+            }
+            crate::duration::parse(&b.refresh_interval)
+                .map_err(|e| Error::invalid(at("refreshInterval"), e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The placeholders of one pod: binding id → placeholder. Placeholders are
+/// random per pod and are not secrets; the real values never leave the
+/// sidecar.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct PodPlaceholders(pub BTreeMap<String, String>);
+
+impl PodPlaceholders {
+    /// Parses the annotation's JSON value.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let parsed: Self = serde_json::from_str(json).map_err(|e| Error::Parse {
+            what: "pod placeholders annotation".into(),
+            reason: e.to_string(),
+        })?;
+        for (id, placeholder) in &parsed.0 {
+            // Unreserved characters only: a placeholder must survive URL,
+            // JSON and header contexts unchanged, so it can be found there.
+            if placeholder.len() < 22
+                || !placeholder
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c))
+            {
+                return Err(Error::invalid(
+                    format!("placeholders[{id:?}]"),
+                    "must be at least 22 RFC 3986 unreserved characters",
+                ));
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SidecarBindings {
+        SidecarBindings {
+            format_version: FORMAT_VERSION,
+            vault_role: Some("credbroker-agents-research-0123abcd".into()),
+            bindings: vec![SidecarBinding {
+                id: "openai".into(),
+                secret: VaultSecretRef {
+                    mount: "secret".into(),
+                    path: "teams/research/openai".into(),
+                    key: "api_key".into(),
+                    kv_version: 2,
+                },
+                destinations: vec![SidecarDestination {
+                    host: "api.openai.com".into(),
+                    port: 443,
+                    methods: vec![HttpMethod::Post],
+                    paths: vec!["/v1/*".into()],
+                    extra_ca_pem: None,
+                    allow_cleartext: false,
+                }],
+                surfaces: vec![Surface::Header],
+                refresh_interval: "30s".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        assert_eq!(SidecarBindings::from_json(&json).unwrap(), sample());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_names_are_errors_naming_the_field() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["bindings"][0]["destinations"][0]["hots"] = "x".into();
+        let e = SidecarBindings::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hots"), "{e}");
+
+        let mut s = sample();
+        s.bindings[0].destinations[0].host = "https://evil.com".into();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("bindings[0].destinations[0].host"), "{e}");
+
+        let mut s = sample();
+        s.bindings.push(s.bindings[0].clone());
+        assert!(s.validate().unwrap_err().to_string().contains("repeated"));
+
+        let mut s = sample();
+        s.format_version = 2;
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("formatVersion")
+        );
+    }
+
+    #[test]
+    fn placeholders_must_be_long_and_unreserved() {
+        let ok = r#"{"openai":"sk-cbph-0123456789abcdefghijKLMN"}"#;
+        assert_eq!(PodPlaceholders::from_json(ok).unwrap().0.len(), 1);
+        assert!(PodPlaceholders::from_json(r#"{"openai":"short"}"#).is_err());
+        assert!(
+            PodPlaceholders::from_json(r#"{"openai":"0123456789abcdefghijklmn\r\n"}"#).is_err()
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! `ClusterCredentialPolicy`: what platform admins allow teams to bind.
+//! Nothing is bindable until some policy allows it (default deny).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::validate::{HOST_PATTERN, VAULT_MOUNT_PATTERN, VAULT_PATH_PREFIX_PATTERN};
+
+/// Which namespaces may bind which Vault paths to which destination hosts.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "credbroker.dev",
+    version = "v1alpha1",
+    kind = "ClusterCredentialPolicy",
+    shortname = "ccp",
+    category = "credbroker",
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterCredentialPolicySpec {
+    /// The namespaces this policy applies to. An empty selector selects every
+    /// namespace.
+    pub namespace_selector: LabelSelector,
+
+    /// What bindings in those namespaces may use. A binding is admitted when
+    /// one allowance covers its mount, its path and every one of its
+    /// destination hosts.
+    #[schemars(length(min = 1, max = 64))]
+    pub allow: Vec<Allowance>,
+}
+
+/// One set of Vault paths and the hosts they may be sent to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Allowance {
+    /// The Vault paths this allowance covers.
+    pub vault: VaultPathGrant,
+    /// The destination hosts, exact or `*.`-wildcard. A wildcard here admits
+    /// any host under it, and the same wildcard in a binding.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 253), regex(pattern = HOST_PATTERN)))]
+    pub destinations: Vec<String>,
+}
+
+/// A subtree of one KV mount.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultPathGrant {
+    /// The KV mount. Never `sys`, `auth`, `identity` or `cubbyhole`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = VAULT_MOUNT_PATTERN))]
+    #[x_kube(validation = Rule::new("!(self in ['sys', 'auth', 'identity', 'cubbyhole'])").message("must not be a Vault system mount (sys, auth, identity, cubbyhole)"))]
+    pub mount: String,
+    /// The path prefix, matched on whole segments: `teams/research/` (or
+    /// `teams/research`) covers `teams/research/openai` but not
+    /// `teams/research-evil/x`. Empty covers the whole mount.
+    #[serde(default)]
+    #[schemars(length(max = 512), regex(pattern = VAULT_PATH_PREFIX_PATTERN))]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('./') && !self.contains('/./') && self != '.'").message("must not contain a '.' or '..' segment"))]
+    pub path_prefix: String,
+}

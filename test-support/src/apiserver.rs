@@ -1,0 +1,453 @@
+//! A real kube-apiserver backed by a real etcd, started the envtest way:
+//! binaries from `KUBEBUILDER_ASSETS`, free loopback ports, RBAC
+//! authorization, and mutating and validating admission (webhooks and
+//! ValidatingAdmissionPolicy) as a cluster has them.
+//!
+//! What envtest is not: it runs no controller-manager and no kubelet. So there
+//! is no garbage collector (owner references never cascade), no namespace
+//! controller (a deleted namespace stays `Terminating`), no service-account
+//! controller (no `default` ServiceAccount; create the ones a test needs), and
+//! no pod ever runs. Tests create what they need and delete what they own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{
+    TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec, TokenReviewStatus,
+};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::pki::{self, TestCa};
+use crate::process::{ChildGuard, spawn_for_process_lifetime};
+use crate::{Error, Result, SETUP_HINT, free_port, require_binary_in_assets, wait_until};
+
+/// The service-account issuer the fixture's API server signs tokens with.
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A running etcd + kube-apiserver. Drop stops both and removes their files.
+pub struct TestApiServer {
+    url: String,
+    port: u16,
+    dir: PathBuf,
+    ca_pem: String,
+    sa_public_key_pem: String,
+    kubeconfig_path: PathBuf,
+    kubectl: PathBuf,
+    // Dropped last-to-first: apiserver before etcd.
+    apiserver: ChildGuard,
+    _etcd: ChildGuard,
+    _owned_dir: Option<tempfile::TempDir>,
+    pub startup: Duration,
+}
+
+impl TestApiServer {
+    /// Starts an instance owned by the caller, stopped on drop.
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("credbroker-apiserver-")
+            .tempdir()
+            .map_err(|e| Error::Io("creating the apiserver directory".into(), e))?;
+        let path = dir.path().to_path_buf();
+        let mut me = Self::start_in(path, ChildGuard::spawn).await?;
+        me._owned_dir = Some(dir);
+        Ok(me)
+    }
+
+    /// One instance shared by every test of this test binary, started on
+    /// first use (a start takes seconds). Its processes die with the binary.
+    /// Tests sharing it must use their own namespaces and names.
+    pub async fn shared() -> Result<Arc<Self>> {
+        static SHARED: tokio::sync::OnceCell<std::result::Result<Arc<TestApiServer>, String>> =
+            tokio::sync::OnceCell::const_new();
+        SHARED
+            .get_or_init(|| async {
+                let dir = crate::process_scratch_dir("apiserver").map_err(|e| e.to_string())?;
+                Self::start_in(dir, |name, cmd| spawn_for_process_lifetime(name, &cmd))
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .clone()
+            .map_err(|e| Error::Other(format!("the shared apiserver did not start: {e}")))
+    }
+
+    async fn start_in(
+        dir: PathBuf,
+        spawn: impl Fn(&str, Command) -> Result<ChildGuard>,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let etcd_bin = require_binary_in_assets("etcd")?;
+        let apiserver_bin = require_binary_in_assets("kube-apiserver")?;
+        let kubectl = require_binary_in_assets("kubectl")?;
+        let write = |name: &str, contents: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, contents).map_err(|e| Error::Io(format!("writing {name}"), e))?;
+            Ok(p)
+        };
+
+        // PKI: one CA for serving and client certs; an admin client in
+        // system:masters; an ECDSA service-account signing key.
+        let ca = TestCa::new("credbroker-test-apiserver-ca")?;
+        let serving = ca.issue_server(&["127.0.0.1", "localhost"])?;
+        let admin = ca.issue_client("credbroker-test-admin", &["system:masters"])?;
+        let (sa_key, sa_pub) = pki::signing_key_pem()?;
+        let ca_file = write("ca.crt", ca.cert_pem())?;
+        let cert_file = write("apiserver.crt", &serving.cert_pem)?;
+        let key_file = write("apiserver.key", &serving.key_pem)?;
+        let sa_key_file = write("sa.key", &sa_key)?;
+        let sa_pub_file = write("sa.pub", &sa_pub)?;
+
+        let etcd_port = free_port()?;
+        let etcd_peer_port = free_port()?;
+        let etcd_data = dir.join("etcd");
+        let mut etcd = Command::new(&etcd_bin);
+        etcd.arg("--data-dir")
+            .arg(&etcd_data)
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!(
+                "--advertise-client-urls=http://127.0.0.1:{etcd_port}"
+            ))
+            .arg(format!(
+                "--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"
+            ))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"
+            ))
+            .arg(format!(
+                "--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"
+            ))
+            .arg("--unsafe-no-fsync")
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        let mut etcd = spawn("etcd", etcd)?;
+        let etcd_health = format!("http://127.0.0.1:{etcd_port}/health");
+        wait_until("etcd health", Duration::from_secs(30), || {
+            let r = etcd
+                .check_running()
+                .and_then(|()| http_get_ok(&etcd_health));
+            async move { r }
+        })
+        .await?;
+
+        let port = free_port()?;
+        let mut cmd = Command::new(&apiserver_bin);
+        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", dir.join("certs").display()))
+            .arg(format!("--tls-cert-file={}", cert_file.display()))
+            .arg(format!("--tls-private-key-file={}", key_file.display()))
+            .arg(format!("--client-ca-file={}", ca_file.display()))
+            .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
+            .arg(format!("--service-account-key-file={}", sa_pub_file.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key_file.display()))
+            .arg("--service-cluster-ip-range=10.96.0.0/24")
+            .arg("--authorization-mode=RBAC")
+            .arg("--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy")
+            .arg("--allow-privileged=true")
+            .arg("--disable-admission-plugins=ServiceAccount");
+        let mut apiserver = spawn("kube-apiserver", cmd)?;
+
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: test\n  context: {{cluster: test, user: admin, namespace: default}}\ncurrent-context: test\n",
+            ca = b64(ca.cert_pem()),
+            cert = b64(&admin.cert_pem),
+            key = b64(&admin.key_pem),
+        );
+        let kubeconfig_path = write("kubeconfig", &kubeconfig)?;
+
+        // /readyz covers etcd, the RBAC bootstrap roles (system:auth-delegator
+        // among them) and the CRD and admission machinery.
+        let client = client_from_kubeconfig(&kubeconfig_path).await?;
+        wait_until("kube-apiserver /readyz", Duration::from_secs(90), || {
+            let alive = apiserver.check_running();
+            let client = client.clone();
+            async move {
+                alive?;
+                let req = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| Error::Other(e.to_string()))?;
+                client
+                    .request_text(req)
+                    .await
+                    .map_err(|e| Error::Other(e.to_string()))
+            }
+        })
+        .await?;
+        Ok(Self {
+            url: format!("https://127.0.0.1:{port}"),
+            port,
+            dir,
+            ca_pem: ca.cert_pem().to_string(),
+            sa_public_key_pem: sa_pub,
+            kubeconfig_path,
+            kubectl,
+            apiserver,
+            _etcd: etcd,
+            _owned_dir: None,
+            startup: started.elapsed(),
+        })
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The CA that signed the serving certificate (what Vault's Kubernetes
+    /// auth needs as `kubernetes_ca_cert`).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+    /// The public key service-account tokens verify with (for JWT auth).
+    pub fn service_account_public_key_pem(&self) -> &str {
+        &self.sa_public_key_pem
+    }
+    /// An admin kubeconfig, for the real `kubectl`.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig_path
+    }
+    /// A scratch directory that lives as long as the fixture.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The real `kubectl`, pointed at this server as admin.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig_path);
+        cmd
+    }
+
+    /// A fresh admin client. Make one per test: a client lives on the tokio
+    /// runtime that created it, and each `#[tokio::test]` has its own.
+    pub async fn client(&self) -> Result<kube::Client> {
+        client_from_kubeconfig(&self.kubeconfig_path).await
+    }
+
+    /// The apiserver's output so far (for failure messages).
+    pub fn apiserver_output_tail(&self) -> String {
+        self.apiserver.output_tail(4000)
+    }
+}
+
+/// Helpers that build the Kubernetes objects tests need, on any client.
+pub struct Cluster {
+    pub client: kube::Client,
+}
+
+impl Cluster {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+
+    /// Creates a namespace with labels.
+    pub async fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) -> Result<Namespace> {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .map_err(kube_error(&format!("creating namespace {name}")))
+    }
+
+    /// Creates a ServiceAccount (envtest has no `default` one).
+    pub async fn create_service_account(&self, ns: &str, name: &str) -> Result<ServiceAccount> {
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &sa)
+            .await
+            .map_err(kube_error(&format!("creating service account {ns}/{name}")))
+    }
+
+    /// A token for a ServiceAccount with the given audience (TokenRequest).
+    pub async fn token(
+        &self,
+        ns: &str,
+        sa: &str,
+        audiences: &[&str],
+        expiry: Duration,
+    ) -> Result<String> {
+        let req = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+                expiration_seconds: Some(expiry.as_secs() as i64),
+                bound_object_ref: None,
+            }),
+            ..Default::default()
+        };
+        let resp: TokenRequest = Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create_subresource("token", sa, &PostParams::default(), &req)
+            .await
+            .map_err(kube_error(&format!("requesting a token for {ns}/{sa}")))?;
+        resp.status
+            .and_then(|s| s.token)
+            .ok_or_else(|| Error::Other(format!("TokenRequest for {ns}/{sa} returned no status")))
+    }
+
+    /// Asks the API server whether `token` is valid for `audiences`.
+    pub async fn token_review(&self, token: &str, audiences: &[&str]) -> Result<TokenReviewStatus> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+            },
+            ..Default::default()
+        };
+        let resp = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(kube_error("creating a TokenReview"))?;
+        resp.status
+            .ok_or_else(|| Error::Other("TokenReview returned no status".into()))
+    }
+
+    /// Creates the ServiceAccount Vault's Kubernetes auth uses to review
+    /// tokens, bound to `system:auth-delegator`, and returns a long-lived
+    /// token for it (Vault runs outside the cluster, so it needs one).
+    pub async fn create_token_reviewer(&self, ns: &str, name: &str) -> Result<String> {
+        self.create_service_account(ns, name).await?;
+        let crb = ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some(format!("{ns}-{name}-auth-delegator")),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "ClusterRole".into(),
+                name: "system:auth-delegator".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: name.into(),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }]),
+        };
+        Api::<ClusterRoleBinding>::all(self.client.clone())
+            .create(&PostParams::default(), &crb)
+            .await
+            .map_err(kube_error(
+                "binding the token reviewer to system:auth-delegator",
+            ))?;
+        // The API server's default audience: what TokenReview expects of a
+        // reviewer's own token.
+        self.token(
+            ns,
+            name,
+            &[SERVICE_ACCOUNT_ISSUER],
+            Duration::from_secs(24 * 3600),
+        )
+        .await
+    }
+
+    /// Applies CRD YAML files (server-side apply) and waits until each is
+    /// Established, so objects of its kind can be created right away.
+    pub async fn install_crds(&self, yaml_files: &[PathBuf]) -> Result<()> {
+        let api = Api::<CustomResourceDefinition>::all(self.client.clone());
+        for file in yaml_files {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Error::Io(format!("reading {}", file.display()), e))?;
+            let crd: CustomResourceDefinition = serde_yaml_ng(&text, file)?;
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(
+                &name,
+                &kube::api::PatchParams::apply("credbroker-tests").force(),
+                &kube::api::Patch::Apply(&crd),
+            )
+            .await
+            .map_err(kube_error(&format!("applying CRD {name}")))?;
+            let api = api.clone();
+            let n = name.clone();
+            wait_until(
+                &format!("CRD {name} Established"),
+                Duration::from_secs(30),
+                move || {
+                    let api = api.clone();
+                    let n = n.clone();
+                    async move {
+                        let crd = api.get(&n).await.map_err(|e| e.to_string())?;
+                        let established = crd
+                            .status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        if established {
+                            Ok(())
+                        } else {
+                            Err("not yet".to_string())
+                        }
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn serde_yaml_ng(text: &str, file: &Path) -> Result<CustomResourceDefinition> {
+    // CRD files carry a leading comment; YAML parsers skip it.
+    serde_json::from_value(
+        yaml_to_json(text).map_err(|e| Error::Other(format!("parsing {}: {e}", file.display())))?,
+    )
+    .map_err(|e| Error::Other(format!("{} is not a CRD: {e}", file.display())))
+}
+
+fn yaml_to_json(text: &str) -> std::result::Result<serde_json::Value, String> {
+    serde_yaml::from_str(text).map_err(|e| e.to_string())
+}
+
+async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
+    crate::install_crypto_provider();
+    let kubeconfig = Kubeconfig::read_from(path)
+        .map_err(|e| Error::Other(format!("reading the test kubeconfig: {e}")))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::Other(format!("loading the test kubeconfig: {e}")))?;
+    kube::Client::try_from(config).map_err(|e| Error::Other(format!("building a client: {e}")))
+}
+
+/// Maps a kube error to ours, saying what we were doing.
+pub fn kube_error(doing: &str) -> impl FnOnce(kube::Error) -> Error + '_ {
+    move |e| Error::Other(format!("{doing}: {e}"))
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn http_get_ok(url: &str) -> Result<()> {
+    // etcd's plain-HTTP health endpoint; curl is one of the setup's packages.
+    crate::run(Command::new("curl").args(["-fsS", "--max-time", "2", url]))
+        .map(|_| ())
+        .map_err(|e| Error::Other(format!("{e}; {SETUP_HINT}")))
+}
