@@ -273,7 +273,7 @@ impl OpenBao {
     /// Freezes the server (SIGSTOP): connections are still accepted by the
     /// kernel but nothing answers, as with a hung or partitioned Vault.
     pub fn pause(&self) -> Result<()> {
-        self.server.signal(Signal::SIGSTOP)
+        self.server.pause()
     }
 
     /// Lets a paused server run again (SIGCONT).

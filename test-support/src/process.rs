@@ -86,6 +86,41 @@ impl ChildGuard {
             .map_err(|e| Error::Io(format!("sending {sig} to {}", self.name), e.into()))
     }
 
+    /// Stops the process (SIGSTOP) and returns only once every one of its
+    /// threads is stopped. A stop is delivered asynchronously; on a loaded
+    /// machine a test that sent its next request right after `kill()` could
+    /// otherwise still be served.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGSTOP)?;
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks)
+                .map_err(|e| Error::Io(format!("reading {tasks}"), e))?
+                .flatten()
+                .all(|task| {
+                    // The state is the field after the parenthesised command.
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            stat.rsplit_once(')')
+                                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                        })
+                        .unwrap_or(true) // a thread that exited meanwhile
+                });
+            if all_stopped {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Other(format!(
+                    "{} did not stop within 5s of SIGSTOP",
+                    self.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Asks the process to stop (SIGTERM), then kills it after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         let _ = self.signal(nix::sys::signal::Signal::SIGCONT);
