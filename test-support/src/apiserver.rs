@@ -24,8 +24,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::pki::{self, TestCa};
-use crate::process::{ChildGuard, spawn_for_process_lifetime};
-use crate::{Error, Result, SETUP_HINT, free_port, require_binary_in_assets, wait_until};
+use crate::process::ChildGuard;
+use crate::{Error, Result, free_port, require_binary_in_assets, wait_until};
 
 /// The service-account issuer the fixture's API server signs tokens with.
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -54,7 +54,7 @@ impl TestApiServer {
             .tempdir()
             .map_err(|e| Error::Io("creating the apiserver directory".into(), e))?;
         let path = dir.path().to_path_buf();
-        let mut me = Self::start_in(path, ChildGuard::spawn).await?;
+        let mut me = Self::start_in(path).await?;
         me._owned_dir = Some(dir);
         Ok(me)
     }
@@ -68,7 +68,7 @@ impl TestApiServer {
         SHARED
             .get_or_init(|| async {
                 let dir = crate::process_scratch_dir("apiserver").map_err(|e| e.to_string())?;
-                Self::start_in(dir, |name, cmd| spawn_for_process_lifetime(name, &cmd))
+                Self::start_in(dir)
                     .await
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
@@ -78,10 +78,30 @@ impl TestApiServer {
             .map_err(|e| Error::Other(format!("the shared apiserver did not start: {e}")))
     }
 
-    async fn start_in(
-        dir: PathBuf,
-        spawn: impl Fn(&str, Command) -> Result<ChildGuard>,
-    ) -> Result<Self> {
+    /// Starts etcd and kube-apiserver in `dir`, retrying with new ports when
+    /// another process took a port between choosing it and binding it.
+    async fn start_in(dir: PathBuf) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(&dir).await {
+                Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                    continue;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(dir: &Path) -> Result<Self> {
+        let spawn = ChildGuard::spawn;
+        let dir = dir.to_path_buf();
+        {
+            // Keys and an admin kubeconfig live here: owner only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::Io(format!("restricting {}", dir.display()), e))?;
+        }
         let started = Instant::now();
         let etcd_bin = require_binary_in_assets("etcd")?;
         let apiserver_bin = require_binary_in_assets("kube-apiserver")?;
@@ -105,7 +125,10 @@ impl TestApiServer {
         let sa_pub_file = write("sa.pub", &sa_pub)?;
 
         let etcd_port = free_port()?;
-        let etcd_peer_port = free_port()?;
+        let mut etcd_peer_port = free_port()?;
+        while etcd_peer_port == etcd_port {
+            etcd_peer_port = free_port()?;
+        }
         let etcd_data = dir.join("etcd");
         let mut etcd = Command::new(&etcd_bin);
         etcd.arg("--data-dir")
@@ -125,13 +148,15 @@ impl TestApiServer {
             ))
             .arg("--unsafe-no-fsync")
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
-        let mut etcd = spawn("etcd", etcd)?;
+        let etcd = spawn("etcd", etcd)?;
         let etcd_health = format!("http://127.0.0.1:{etcd_port}/health");
         wait_until("etcd health", Duration::from_secs(30), || {
-            let r = etcd
-                .check_running()
-                .and_then(|()| http_get_ok(&etcd_health));
-            async move { r }
+            let alive = etcd.check_running();
+            let url = etcd_health.clone();
+            async move {
+                alive?;
+                http_get_ok(url).await
+            }
         })
         .await?;
 
@@ -153,7 +178,7 @@ impl TestApiServer {
             .arg("--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy")
             .arg("--allow-privileged=true")
             .arg("--disable-admission-plugins=ServiceAccount");
-        let mut apiserver = spawn("kube-apiserver", cmd)?;
+        let apiserver = spawn("kube-apiserver", cmd)?;
 
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: test\n  context: {{cluster: test, user: admin, namespace: default}}\ncurrent-context: test\n",
@@ -445,9 +470,23 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-fn http_get_ok(url: &str) -> Result<()> {
-    // etcd's plain-HTTP health endpoint; curl is one of the setup's packages.
-    crate::run(Command::new("curl").args(["-fsS", "--max-time", "2", url]))
-        .map(|_| ())
-        .map_err(|e| Error::Other(format!("{e}; {SETUP_HINT}")))
+async fn http_get_ok(url: String) -> Result<()> {
+    // etcd's plain-HTTP health endpoint. An async client with its own short
+    // timeout, so a wedged etcd cannot block the runtime.
+    crate::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| Error::Other(format!("building an HTTP client: {e}")))?;
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| Error::Other(format!("{url}: {e}")))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!("{url} answered {}", resp.status())))
+    }
 }

@@ -6,7 +6,7 @@
 //! a panicking test leaves nothing behind. A missing part is an error that
 //! says which command installs it, never a silent skip.
 //!
-//! Binaries are found through the environment `make setup` prints:
+//! Binaries are found through the environment `hack/setup.sh` prints:
 //! - `CREDBROKER_BAO`: the `bao` binary (else `bao` on `PATH`);
 //! - `KUBEBUILDER_ASSETS`: a folder with `etcd`, `kube-apiserver`, `kubectl`
 //!   (the envtest convention; `setup-envtest` users need nothing else).
@@ -62,7 +62,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The command that installs every part the tests use.
-pub const SETUP_HINT: &str = "run `make setup` (or `eval \"$(hack/setup.sh | tail -n1)\"`)";
+pub const SETUP_HINT: &str =
+    "run `make test`, or `eval \"$(hack/setup.sh)\"` in the shell that runs cargo test";
 
 /// Finds a binary: `$env_var` if set, else `name` on `PATH`.
 pub fn find_binary(env_var: &str, name: &str) -> Result<PathBuf> {
@@ -119,9 +120,13 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let last = match probe().await {
-            Ok(v) => return Ok(v),
-            Err(e) => e.to_string(),
+        // Each probe gets only the time left, so a probe that hangs (a
+        // client with a long default timeout) cannot stretch the deadline.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let last = match tokio::time::timeout(left.max(Duration::from_millis(100)), probe()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the probe did not answer in time".to_string(),
         };
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::Timeout {
@@ -134,27 +139,86 @@ where
     }
 }
 
-/// Runs a command to completion; a non-zero exit is an error carrying stderr.
+/// How long [`run`] lets a command take before killing it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs a command to completion (killed after [`COMMAND_TIMEOUT`]); a
+/// non-zero exit is an error carrying stderr.
 pub fn run(cmd: &mut std::process::Command) -> Result<String> {
+    use std::io::Read;
+    use std::process::Stdio;
     let command = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| Error::Spawn {
-        what: command.clone(),
-        source: e,
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Spawn {
+            what: command.clone(),
+            source: e,
+        })?;
+    // Drain both pipes on their own threads so a chatty command cannot
+    // block on a full pipe while we wait for it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Timeout {
+                    what: command,
+                    after: COMMAND_TIMEOUT,
+                    last: "killed".into(),
+                });
+            }
+            Err(e) => return Err(Error::Io(format!("waiting for {command}"), e)),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if status.success() {
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
     } else {
         Err(Error::Command {
             command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
     }
 }
 
 /// A binary from `KUBEBUILDER_ASSETS` (the envtest convention).
 pub fn require_binary_in_assets(name: &str) -> Result<PathBuf> {
-    let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS") else {
+    binary_in_assets(std::env::var_os("KUBEBUILDER_ASSETS"), name)
+}
+
+fn binary_in_assets(assets: Option<std::ffi::OsString>, name: &str) -> Result<PathBuf> {
+    let Some(dir) = assets else {
         return Err(Error::MissingPart {
             what: format!("{name} (KUBEBUILDER_ASSETS is not set)"),
             hint: SETUP_HINT.to_string(),
@@ -171,28 +235,60 @@ pub fn require_binary_in_assets(name: &str) -> Result<PathBuf> {
     }
 }
 
-/// A directory for a fixture that lives as long as this test process (a
-/// shared fixture is a `static`, never dropped). Directories of test
-/// processes that are gone are removed on the way, so none pile up.
-pub fn process_scratch_dir(what: &str) -> Result<PathBuf> {
+/// This test process's scratch root, `$TMPDIR/credbroker-tests/<pid>`
+/// (mode 0700: fixtures keep keys there). Roots of test processes that are
+/// gone are removed on the way, so nothing piles up even after a SIGKILL.
+pub fn process_scratch_root() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let root = std::env::temp_dir().join("credbroker-tests");
-    if let Ok(entries) = std::fs::read_dir(&root) {
-        for entry in entries.flatten() {
-            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok();
-            let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-            if pid.is_some() && !alive {
-                let _ = std::fs::remove_dir_all(entry.path());
+    let dir = root.join(std::process::id().to_string());
+    if !dir.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let pid = entry.file_name().to_string_lossy().parse::<i32>().ok();
+                let alive =
+                    pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+                if pid.is_some() && !alive {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
             }
         }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
     }
-    let dir = root.join(std::process::id().to_string());
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
+    // The shared root must be traversable for the unprivileged UIDs tests
+    // run agents as only where a fixture opts in; our own folder never is.
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    Ok(dir)
+}
+
+/// A directory for a fixture that lives as long as this test process (a
+/// shared fixture is a `static`, never dropped); see [`process_scratch_root`].
+pub fn process_scratch_dir(what: &str) -> Result<PathBuf> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("{what}-"))
-        .tempdir_in(&dir)
+        .tempdir_in(process_scratch_root()?)
         .map_err(|e| Error::Io(format!("creating a directory for {what}"), e))?;
     Ok(dir.keep())
+}
+
+/// Finds a system tool on `PATH` or in the sbin folders (which a non-login
+/// root shell may not have on `PATH`), or says which Debian package has it.
+pub fn require_tool(name: &str, debian_package: &str) -> Result<PathBuf> {
+    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    path_dirs
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::MissingPart {
+            what: format!("`{name}`"),
+            hint: format!("install it with `apt-get install {debian_package}`; {SETUP_HINT}"),
+        })
 }
 
 /// Selects ring as the process's rustls provider. Both ring and aws-lc end up
@@ -200,4 +296,48 @@ pub fn process_scratch_dir(what: &str) -> Result<PathBuf> {
 /// every fixture that speaks TLS calls this first. Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Four random bytes from the kernel, for unique names and tokens.
+pub fn random_u32() -> Result<u32> {
+    use std::io::Read;
+    let mut bytes = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::Io("reading /dev/urandom".into(), e))?;
+    Ok(u32::from_ne_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_kubernetes_binaries_name_the_part_and_the_command() {
+        let unset = binary_in_assets(None, "kube-apiserver")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unset.contains("kube-apiserver (KUBEBUILDER_ASSETS is not set)"),
+            "{unset}"
+        );
+        assert!(unset.contains("make test"), "{unset}");
+        let empty = tempfile::tempdir().unwrap();
+        let absent = binary_in_assets(Some(empty.path().into()), "etcd")
+            .unwrap_err()
+            .to_string();
+        assert!(absent.contains("etcd in KUBEBUILDER_ASSETS="), "{absent}");
+        assert!(absent.contains("hack/setup.sh"), "{absent}");
+    }
+
+    #[test]
+    fn a_command_that_fails_reports_its_stderr() {
+        let err = run(std::process::Command::new("sh").args(["-c", "echo oops >&2; exit 3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("oops") && err.contains("exit status: 3"),
+            "{err}"
+        );
+    }
 }

@@ -15,7 +15,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::process::ChildGuard;
-use crate::{Error, Result, SETUP_HINT};
+use crate::{Error, Result};
 
 /// Where `ip netns` keeps its named namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -110,26 +110,10 @@ impl Tools {
     fn find() -> Result<Self> {
         crate::require_root("network namespaces, veth links and iptables need root")?;
         Ok(Self {
-            ip: require_tool("ip", "iproute2")?,
-            setpriv: require_tool("setpriv", "util-linux")?,
+            ip: crate::require_tool("ip", "iproute2")?,
+            setpriv: crate::require_tool("setpriv", "util-linux")?,
         })
     }
-}
-
-/// Finds a system tool on `PATH` or in the sbin folders (which a non-login
-/// root shell may not have on `PATH`), or says which Debian package has it.
-fn require_tool(name: &str, debian_package: &str) -> Result<PathBuf> {
-    let path_dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
-    path_dirs
-        .unwrap_or_default()
-        .into_iter()
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| Error::MissingPart {
-            what: format!("`{name}`"),
-            hint: format!("install it with `apt-get install {debian_package}`; {SETUP_HINT}"),
-        })
 }
 
 /// A network namespace named `cbt-<random>` with loopback up. Dropping it
@@ -225,7 +209,7 @@ impl Netns {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let tool = require_tool(family.iptables(), "iptables")?;
+        let tool = crate::require_tool(family.iptables(), "iptables")?;
         self.exec(tool).arg("-w").args(args).run()
     }
 
@@ -233,7 +217,7 @@ impl Netns {
     /// `ip6tables-restore` inside. As usual for restore, each table named in
     /// `rules` is replaced whole.
     pub fn iptables_restore(&self, family: IpFamily, rules: &str) -> Result<()> {
-        let tool = require_tool(family.iptables_restore(), "iptables")?;
+        let tool = crate::require_tool(family.iptables_restore(), "iptables")?;
         let mut command = self.exec(tool).arg("-w").into_std();
         run_with_input(&mut command, rules.as_bytes()).map(drop)
     }
@@ -348,13 +332,17 @@ impl Netns {
         // is deleted, so everything inside goes first, children of this test
         // or not. Zombies have already left the namespace.
         let deadline = Instant::now() + TEARDOWN_GRACE;
+        let mut survivors = None;
         loop {
             let pids = self.pids()?;
             if pids.is_empty() {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(Error::Other(format!("processes {pids:?} survived SIGKILL")));
+                // Delete the name anyway: a survivor keeps the namespace
+                // alive, but no later test can stumble on it by name.
+                survivors = Some(pids);
+                break;
             }
             for pid in pids {
                 if let Ok(pid) = i32::try_from(pid) {
@@ -364,7 +352,11 @@ impl Netns {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        crate::run(Command::new(&self.tools.ip).args(["netns", "delete", &self.name])).map(drop)
+        crate::run(Command::new(&self.tools.ip).args(["netns", "delete", &self.name]))?;
+        match survivors {
+            Some(pids) => Err(Error::Other(format!("processes {pids:?} survived SIGKILL"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -601,13 +593,7 @@ fn subnet_ipv6(subnet: u32, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0xcb, 0, u16::from_be_bytes([hi, lo]), 0, 0, 0, host)
 }
 
-fn random_u32() -> Result<u32> {
-    let mut bytes = [0u8; 4];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| Error::Io("reading /dev/urandom".into(), e))?;
-    Ok(u32::from_ne_bytes(bytes))
-}
+use crate::random_u32;
 
 /// Runs `command` with `input` on stdin; like [`crate::run`] otherwise.
 fn run_with_input(command: &mut Command, input: &[u8]) -> Result<String> {

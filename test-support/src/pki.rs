@@ -81,8 +81,15 @@ impl TestCa {
     }
 
     /// A client certificate; Kubernetes reads the user from the common name
-    /// and the groups from the organizations.
+    /// and the group from the organization. One group at most: rcgen keeps
+    /// one value per attribute type, and silently dropping a group would
+    /// hand a test fewer rights than it asked for.
     pub fn issue_client(&self, common_name: &str, organizations: &[&str]) -> Result<IssuedCert> {
+        if organizations.len() > 1 {
+            return Err(Error::Other(format!(
+                "a test client certificate carries at most one group, not {organizations:?}"
+            )));
+        }
         let mut params = CertificateParams::new(Vec::<String>::new())
             .map_err(pki_error("a client certificate"))?;
         params

@@ -1,28 +1,62 @@
 //! Child processes owned by a fixture: killed and reaped on drop (so a
-//! panicking test leaves nothing running), with stderr kept in a file so a
-//! fixture whose process dies can say why.
+//! panicking test leaves nothing running), killed by the kernel if the test
+//! process itself dies (SIGTERM from a CI timeout runs no destructors), and
+//! with their output kept in a file so a fixture whose process dies can say
+//! why.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use crate::{Error, Result};
 
 /// A running child process that is killed when dropped.
 pub struct ChildGuard {
     name: String,
-    child: Child,
+    pid: u32,
+    // Behind a lock so `&self` methods (pause/resume) can first check the
+    // child has not been reaped: a reaped PID may belong to anyone.
+    child: Mutex<Child>,
     log_path: PathBuf,
     // Keeps the log directory alive as long as the process.
     _log_dir: tempfile::TempDir,
 }
 
 impl ChildGuard {
-    /// Spawns `cmd` with stdout and stderr both captured into one log file.
-    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
+    /// Spawns `cmd` with stdout and stderr captured into one log file, under
+    /// `setpriv --pdeathsig KILL` so it cannot outlive this test process.
+    ///
+    /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
+    /// exits, and cargo runs each test on a short-lived thread (and a shared
+    /// fixture outlives the test that started it), so every fork happens on
+    /// one spawner thread that lives as long as the process.
+    pub fn spawn(name: &str, cmd: Command) -> Result<Self> {
+        let mut wrapped = Command::new(crate::require_tool("setpriv", "util-linux")?);
+        wrapped
+            .arg("--pdeathsig")
+            .arg("KILL")
+            .arg("--")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => wrapped.env(k, v),
+                None => wrapped.env_remove(k),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        on_spawner_thread(name, wrapped)
+    }
+
+    fn spawn_here(name: &str, mut cmd: Command) -> Result<Self> {
         let log_dir = tempfile::Builder::new()
-            .prefix(&format!("credbroker-{name}-log-"))
-            .tempdir()
+            .prefix(&format!("{name}-log-"))
+            .tempdir_in(crate::process_scratch_root()?)
             .map_err(|e| Error::Io(format!("creating log dir for {name}"), e))?;
         let log_path = log_dir.path().join("output.log");
         let log = std::fs::File::create(&log_path)
@@ -37,14 +71,15 @@ impl ChildGuard {
         })?;
         Ok(Self {
             name: name.to_string(),
-            child,
+            pid: child.id(),
+            child: Mutex::new(child),
             log_path,
             _log_dir: log_dir,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     pub fn log_path(&self) -> &Path {
@@ -66,9 +101,14 @@ impl ChildGuard {
         out[start..].to_string()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// `Err(ProcessExited)` with the process's output if it is no longer running.
-    pub fn check_running(&mut self) -> Result<()> {
-        match self.child.try_wait() {
+    pub fn check_running(&self) -> Result<()> {
+        let status = self.lock().try_wait();
+        match status {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(Error::ProcessExited {
                 name: self.name.clone(),
@@ -79,9 +119,15 @@ impl ChildGuard {
         }
     }
 
-    /// Sends a signal (e.g. SIGSTOP/SIGCONT to simulate an outage).
-    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+    /// Sends a signal (e.g. SIGSTOP/SIGCONT to simulate an outage), but
+    /// only while the child has not been reaped.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let mut child = self.lock();
+        if !matches!(child.try_wait(), Ok(None)) {
+            drop(child);
+            return self.check_running();
+        }
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
         nix::sys::signal::kill(pid, sig)
             .map_err(|e| Error::Io(format!("sending {sig} to {}", self.name), e.into()))
     }
@@ -91,10 +137,11 @@ impl ChildGuard {
     /// machine a test that sent its next request right after `kill()` could
     /// otherwise still be served.
     pub fn pause(&self) -> Result<()> {
-        self.signal(nix::sys::signal::Signal::SIGSTOP)?;
-        let tasks = format!("/proc/{}/task", self.child.id());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        self.signal(Signal::SIGSTOP)?;
+        let tasks = format!("/proc/{}/task", self.pid);
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
+            self.check_running()?;
             let all_stopped = std::fs::read_dir(&tasks)
                 .map_err(|e| Error::Io(format!("reading {tasks}"), e))?
                 .flatten()
@@ -111,7 +158,7 @@ impl ChildGuard {
             if all_stopped {
                 return Ok(());
             }
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 return Err(Error::Other(format!(
                     "{} did not stop within 5s of SIGSTOP",
                     self.name
@@ -121,82 +168,64 @@ impl ChildGuard {
         }
     }
 
+    /// Lets a paused process run again.
+    pub fn resume(&self) -> Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
     /// Asks the process to stop (SIGTERM), then kills it after `grace`.
-    pub fn stop(&mut self, grace: Duration) {
-        let _ = self.signal(nix::sys::signal::Signal::SIGCONT);
-        let _ = self.signal(nix::sys::signal::Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + grace;
-        while std::time::Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+    pub fn stop(&self, grace: Duration) {
+        let _ = self.signal(Signal::SIGCONT);
+        let _ = self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.lock().try_wait(), Ok(None)) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut child = self.lock();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        // A paused process cannot die of SIGKILL until continued on some
-        // kernels' accounting; continue it first, then kill and reap.
-        let _ = self.signal(nix::sys::signal::Signal::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Continue a paused process first so it can act on the kill at once;
+        // `signal` skips a child that was already reaped.
+        let _ = self.signal(Signal::SIGCONT);
+        let mut child = self.lock();
+        let _ = child.kill(); // std does not signal a reaped child
+        let _ = child.wait();
     }
 }
 
-/// Spawns `cmd` so that the kernel kills it when this test process exits,
-/// even though a `static` fixture is never dropped.
-///
-/// `PR_SET_PDEATHSIG` (set by `setpriv --pdeathsig KILL`) fires when the
-/// *thread* that forked the child exits, and cargo runs each test on its own
-/// short-lived thread. So the fork happens on one spawner thread that lives as
-/// long as the process.
-pub fn spawn_for_process_lifetime(name: &str, cmd: &Command) -> Result<ChildGuard> {
+fn on_spawner_thread(name: &str, cmd: Command) -> Result<ChildGuard> {
+    use std::sync::OnceLock;
     use std::sync::mpsc;
-    use std::sync::{Mutex, OnceLock};
     type Request = (String, Command, mpsc::Sender<Result<ChildGuard>>);
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
 
-    let mut wrapped = Command::new("setpriv");
-    wrapped
-        .arg("--pdeathsig")
-        .arg("KILL")
-        .arg("--")
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => wrapped.env(k, v),
-            None => wrapped.env_remove(k),
-        };
-    }
-    if let Some(dir) = cmd.get_current_dir() {
-        wrapped.current_dir(dir);
-    }
-
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Request>();
-        std::thread::Builder::new()
+        // If the thread cannot start, the send below fails and says so.
+        let _ = std::thread::Builder::new()
             .name("credbroker-test-spawner".into())
             .spawn(move || {
                 for (name, cmd, reply) in rx {
-                    let _ = reply.send(ChildGuard::spawn(&name, cmd));
+                    let _ = reply.send(ChildGuard::spawn_here(&name, cmd));
                 }
-            })
-            .map(|_| ())
-            .unwrap_or_default();
+            });
         Mutex::new(tx)
     });
     let (reply_tx, reply_rx) = mpsc::channel();
     spawner
         .lock()
-        .map_err(|_| Error::Other("the spawner lock is poisoned".into()))?
-        .send((name.to_string(), wrapped, reply_tx))
-        .map_err(|_| Error::Other("the spawner thread is gone".into()))?;
+        .unwrap_or_else(PoisonError::into_inner)
+        .send((name.to_string(), cmd, reply_tx))
+        .map_err(|_| Error::Other("the test spawner thread is gone".into()))?;
     reply_rx
         .recv()
-        .map_err(|_| Error::Other("the spawner thread is gone".into()))?
+        .map_err(|_| Error::Other("the test spawner thread is gone".into()))?
 }

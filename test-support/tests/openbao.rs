@@ -320,5 +320,5 @@ async fn missing_bao_names_it_and_the_setup_command() {
     assert!(matches!(err, Error::MissingPart { .. }), "{message}");
     assert!(message.starts_with("bao is missing"), "{message}");
     assert!(message.contains(bogus), "{message}");
-    assert!(message.contains("make setup"), "{message}");
+    assert!(message.contains("make test"), "{message}");
 }
