@@ -6,7 +6,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::validate::{
-    ENV_NAME_PATTERN, HOST_PATTERN, HTTP_PATH_PATTERN, VAULT_MOUNT_PATTERN, VAULT_PATH_PATTERN,
+    DNS_SUBDOMAIN_PATTERN, ENV_NAME_PATTERN, HOST_PATTERN, HTTP_PATH_PATTERN, VAULT_MOUNT_PATTERN,
+    VAULT_PATH_PATTERN,
 };
 
 /// A binding of one Vault secret to the pods of one service account, usable
@@ -37,7 +38,7 @@ use crate::validate::{
 pub struct CredentialBindingSpec {
     /// The service account whose pods get this credential. Only pods running
     /// as this service account, in this namespace, can log in to Vault for it.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     pub service_account_name: String,
 
     /// Where the real secret lives.
@@ -175,7 +176,7 @@ fn is_false(b: &bool) -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct CaConfigMapRef {
     /// The ConfigMap's name, in the binding's namespace.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
     pub name: String,
     /// The key holding one or more PEM certificates.
     #[schemars(length(min = 1, max = 253))]
@@ -253,7 +254,9 @@ pub enum Surface {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialBindingStatus {
     /// Ready, PolicyAllowed, VaultPolicySynced, VaultRoleSynced, SecretFound.
+    /// A map keyed by type, so server-side apply merges conditions per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The generation the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]

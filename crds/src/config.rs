@@ -106,6 +106,9 @@ impl SidecarBindings {
             if !matches!(b.secret.kv_version, 1 | 2) {
                 return Err(Error::invalid(at("secret.kvVersion"), "must be 1 or 2"));
             }
+            if b.secret.key.is_empty() {
+                return Err(Error::invalid(at("secret.key"), "must not be empty"));
+            }
             if b.destinations.is_empty() {
                 return Err(Error::invalid(at("destinations"), "must not be empty"));
             }
@@ -114,12 +117,26 @@ impl SidecarBindings {
             }
             for (j, d) in b.destinations.iter().enumerate() {
                 validate::host(&at(&format!("destinations[{j}].host")), &d.host)?;
+                if d.port == 0 {
+                    return Err(Error::invalid(
+                        at(&format!("destinations[{j}].port")),
+                        "must be 1-65535",
+                    ));
+                }
                 for (k, p) in d.paths.iter().enumerate() {
                     validate::http_path(&at(&format!("destinations[{j}].paths[{k}]")), p)?;
                 }
             }
-            crate::duration::parse(&b.refresh_interval)
-                .map_err(|e| Error::invalid(at("refreshInterval"), e.to_string()))?;
+            // The CRD's rules, through the same functions: a hand-written
+            // local config has no schema in front of it.
+            validate::scoped_surfaces(
+                &at("destinations"),
+                &b.surfaces,
+                b.destinations
+                    .iter()
+                    .map(|d| !d.methods.is_empty() && !d.paths.is_empty()),
+            )?;
+            validate::refresh_interval(&at("refreshInterval"), &b.refresh_interval)?;
         }
         Ok(())
     }
@@ -210,6 +227,35 @@ mod tests {
         let mut s = sample();
         s.bindings.push(s.bindings[0].clone());
         assert!(s.validate().unwrap_err().to_string().contains("repeated"));
+
+        let mut s = sample();
+        s.bindings[0].surfaces.push(Surface::Body);
+        s.bindings[0].destinations[0].paths.clear();
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("bindings[0].destinations")
+        );
+
+        for (interval, ok) in [
+            ("0s", false),
+            ("999ms", false),
+            ("25h", false),
+            ("1s", true),
+        ] {
+            let mut s = sample();
+            s.bindings[0].refresh_interval = interval.into();
+            assert_eq!(s.validate().is_ok(), ok, "{interval}");
+        }
+
+        let mut s = sample();
+        s.bindings[0].secret.key.clear();
+        assert!(s.validate().unwrap_err().to_string().contains("secret.key"));
+
+        let mut s = sample();
+        s.bindings[0].destinations[0].port = 0;
+        assert!(s.validate().unwrap_err().to_string().contains("port"));
 
         let mut s = sample();
         s.format_version = 2;

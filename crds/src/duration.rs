@@ -30,7 +30,17 @@ pub fn parse(input: &str) -> Result<Duration> {
         if num_len == 0 {
             return Err(err("expected a number"));
         }
-        let value: f64 = rest[..num_len].parse().map_err(|_| err("bad number"))?;
+        let number = &rest[..num_len];
+        // Digits with an optional fraction, as the CRD pattern has it: no
+        // "1." or ".5".
+        let well_formed = match number.split_once('.') {
+            Some((int, frac)) => !int.is_empty() && !frac.is_empty() && !frac.contains('.'),
+            None => true,
+        };
+        if !well_formed {
+            return Err(err("bad number"));
+        }
+        let value: f64 = number.parse().map_err(|_| err("bad number"))?;
         rest = &rest[num_len..];
         let (unit_secs, unit_len) = if rest.starts_with("ms") {
             (0.001, 2)
@@ -66,7 +76,9 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_duration() {
-        for bad in ["", "30", "s", "30x", "-5s", "1e9s", "30 s"] {
+        for bad in [
+            "", "30", "s", "30x", "-5s", "1e9s", "30 s", "1.s", ".5s", "1.2.3s",
+        ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("duration"), "{bad:?} -> {e}");
         }

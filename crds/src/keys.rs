@@ -22,7 +22,9 @@ pub const SERVICE_ACCOUNT_LABEL: &str = "credbroker.dev/service-account";
 pub const MANAGED_BY: &str = "credbroker-controller";
 
 /// The key of the bindings ConfigMap that holds [`crate::config::SidecarBindings`].
-pub const BINDINGS_CONFIGMAP_KEY: &str = "bindings.json";
+/// The format version is in the key, so during an upgrade the controller
+/// can write both versions and every sidecar reads the one it knows.
+pub const BINDINGS_CONFIGMAP_KEY: &str = "bindings.v1.json";
 /// Prefix of every name credbroker creates in Kubernetes and in Vault.
 pub const NAME_PREFIX: &str = "credbroker-";
 

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::binding::Surface;
 use crate::validate::{HOST_PATTERN, VAULT_MOUNT_PATTERN, VAULT_PATH_PREFIX_PATTERN};
 
 /// Which namespaces may bind which Vault paths to which destination hosts.
@@ -40,6 +41,31 @@ pub struct Allowance {
     /// any host under it, and the same wildcard in a binding.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 253), regex(pattern = HOST_PATTERN)))]
     pub destinations: Vec<String>,
+
+    /// The destination ports bindings may use with these hosts.
+    #[serde(default = "default_ports")]
+    #[schemars(length(min = 1, max = 16), inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<u16>,
+
+    /// Whether bindings may send these credentials over plain HTTP. Off by
+    /// default: a credential in cleartext can be read on the wire.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cleartext: bool,
+
+    /// The request surfaces bindings may inject into. `query` and `body` are
+    /// riskier (an echo of them is harder to catch) and must be allowed here
+    /// explicitly.
+    #[serde(default = "default_surfaces")]
+    #[schemars(length(min = 1, max = 4))]
+    pub surfaces: Vec<Surface>,
+}
+
+fn default_ports() -> Vec<u16> {
+    vec![443]
+}
+
+fn default_surfaces() -> Vec<Surface> {
+    vec![Surface::Header, Surface::BasicAuth]
 }
 
 /// A subtree of one KV mount.
@@ -52,8 +78,8 @@ pub struct VaultPathGrant {
     pub mount: String,
     /// The path prefix, matched on whole segments: `teams/research/` (or
     /// `teams/research`) covers `teams/research/openai` but not
-    /// `teams/research-evil/x`. Empty covers the whole mount.
-    #[serde(default)]
+    /// `teams/research-evil/x`. Required; `""` covers the whole mount, so
+    /// granting a whole mount is always written down.
     #[schemars(length(max = 512), regex(pattern = VAULT_PATH_PREFIX_PATTERN))]
     #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('./') && !self.contains('/./') && self != '.'").message("must not contain a '.' or '..' segment"))]
     pub path_prefix: String,

@@ -29,6 +29,11 @@ pub const HOST_PATTERN: &str = concat!(
     label!(),
     r")*)$"
 );
+/// A Kubernetes object name (DNS-1123 subdomain), e.g. a ServiceAccount's.
+/// No glob characters: Vault's `bound_service_account_names` treats `*` as
+/// a wildcard, so a name must never be able to carry one.
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A POSIX-portable environment variable name.
 pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
 /// A Vault mount name.
@@ -142,6 +147,61 @@ pub fn path_under_prefix(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// A Kubernetes object name: a DNS-1123 subdomain of at most 253 characters.
+pub fn dns_subdomain(field: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|l| {
+            let b = l.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{value:?} must be a lower-case DNS-1123 name (letters, digits, '-', '.')"),
+        ))
+    }
+}
+
+/// A refresh interval: a duration between 1s and 24h.
+pub fn refresh_interval(field: &str, value: &str) -> Result<()> {
+    let d = crate::duration::parse(value).map_err(|e| Error::invalid(field, e.to_string()))?;
+    if (crate::duration::MIN_REFRESH_INTERVAL..=crate::duration::MAX_REFRESH_INTERVAL).contains(&d)
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{value:?} must be between 1s and 24h"),
+        ))
+    }
+}
+
+/// The query and body surfaces are hard to guard against echoes, so they
+/// need every destination scoped to methods and paths.
+pub fn scoped_surfaces(
+    field: &str,
+    surfaces: &[Surface],
+    mut destinations_scoped: impl Iterator<Item = bool>,
+) -> Result<()> {
+    let needs_scope = surfaces
+        .iter()
+        .any(|s| matches!(s, Surface::Query | Surface::Body));
+    if needs_scope && !destinations_scoped.all(|scoped| scoped) {
+        return Err(Error::invalid(
+            field,
+            "query and body surfaces need methods and paths on every destination",
+        ));
+    }
+    Ok(())
+}
+
 /// An environment variable name.
 pub fn env_name(field: &str, value: &str) -> Result<()> {
     let mut bytes = value.bytes();
@@ -176,6 +236,7 @@ pub fn http_path(field: &str, value: &str) -> Result<()> {
 /// Everything the schema checks on a binding spec, checked again in Rust.
 /// Returns the first problem, naming its field as the API server would.
 pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
+    dns_subdomain("spec.serviceAccountName", &spec.service_account_name)?;
     let vault = &spec.source.vault;
     vault_mount("spec.source.vault.mount", &vault.mount)?;
     vault_path("spec.source.vault.path", &vault.path)?;
@@ -205,11 +266,6 @@ pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
             "must list at least one destination",
         ));
     }
-    let needs_scope = spec
-        .inject
-        .surfaces
-        .iter()
-        .any(|s| matches!(s, Surface::Query | Surface::Body));
     for (i, d) in spec.destinations.iter().enumerate() {
         host(&format!("spec.destinations[{i}].host"), &d.host)?;
         if d.port == 0 {
@@ -221,29 +277,22 @@ pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
         for (j, p) in d.paths.iter().flatten().enumerate() {
             http_path(&format!("spec.destinations[{i}].paths[{j}]"), p)?;
         }
-        let scoped = d.methods.as_ref().is_some_and(|m| !m.is_empty())
-            && d.paths.as_ref().is_some_and(|p| !p.is_empty());
-        if needs_scope && !scoped {
-            return Err(Error::invalid(
-                "spec.destinations",
-                "query and body surfaces need methods and paths on every destination",
-            ));
+        if let Some(ca) = &d.ca_config_map {
+            dns_subdomain(
+                &format!("spec.destinations[{i}].caConfigMap.name"),
+                &ca.name,
+            )?;
         }
     }
-    crate::duration::parse(&spec.refresh_interval)
-        .map_err(|e| Error::invalid("spec.refreshInterval", e.to_string()))
-        .and_then(|d| {
-            if (crate::duration::MIN_REFRESH_INTERVAL..=crate::duration::MAX_REFRESH_INTERVAL)
-                .contains(&d)
-            {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    "spec.refreshInterval",
-                    "must be between 1s and 24h",
-                ))
-            }
-        })
+    scoped_surfaces(
+        "spec.destinations",
+        &spec.inject.surfaces,
+        spec.destinations.iter().map(|d| {
+            d.methods.as_ref().is_some_and(|m| !m.is_empty())
+                && d.paths.as_ref().is_some_and(|p| !p.is_empty())
+        }),
+    )?;
+    refresh_interval("spec.refreshInterval", &spec.refresh_interval)
 }
 
 /// Everything the schema checks on a policy spec, checked again in Rust.
@@ -268,6 +317,24 @@ pub fn policy_spec(spec: &ClusterCredentialPolicySpec) -> Result<()> {
         }
         for (j, d) in a.destinations.iter().enumerate() {
             host(&format!("spec.allow[{i}].destinations[{j}]"), d)?;
+        }
+        if a.ports.is_empty() {
+            return Err(Error::invalid(
+                format!("spec.allow[{i}].ports"),
+                "must list a port",
+            ));
+        }
+        if let Some(j) = a.ports.iter().position(|p| *p == 0) {
+            return Err(Error::invalid(
+                format!("spec.allow[{i}].ports[{j}]"),
+                "must be 1-65535",
+            ));
+        }
+        if a.surfaces.is_empty() {
+            return Err(Error::invalid(
+                format!("spec.allow[{i}].surfaces"),
+                "must not be empty",
+            ));
         }
     }
     Ok(())

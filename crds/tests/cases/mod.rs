@@ -34,7 +34,8 @@ pub fn valid_policy(name: &str) -> Value {
             "namespaceSelector": { "matchLabels": { "team": "research" } },
             "allow": [ {
                 "vault": { "mount": "secret", "pathPrefix": "teams/research/" },
-                "destinations": ["api.openai.com", "*.anthropic.com"]
+                "destinations": ["api.openai.com", "*.anthropic.com"],
+                "ports": [443]
             } ]
         }
     })
@@ -258,6 +259,28 @@ pub fn invalid_binding_cases() -> Vec<Case> {
             field: "spec.destinations",
         },
     ];
+    cases.push(Case {
+        name: "body surface without methods",
+        pointer: "/spec/inject/in",
+        value: json!(["body"]),
+        also: Some((
+            "/spec/destinations",
+            json!([{ "host": "api.openai.com", "paths": ["/v1/*"] }]),
+        )),
+        field: "spec.destinations",
+    });
+    for (name, sa) in [
+        ("service account glob", "*"),
+        ("service account with a glob suffix", "agent-*"),
+        ("service account in upper case", "Agent"),
+    ] {
+        cases.push(case(
+            name,
+            "/spec/serviceAccountName",
+            json!(sa),
+            "spec.serviceAccountName",
+        ));
+    }
     for reserved in ["sys", "auth", "identity", "cubbyhole"] {
         cases.push(case(
             "a reserved mount",
@@ -302,6 +325,12 @@ pub fn invalid_policy_cases() -> Vec<Case> {
             "spec.allow[0].destinations[1]",
         ),
         case("no allowances", "/spec/allow", json!([]), "spec.allow"),
+        case(
+            "port 0",
+            "/spec/allow/0/ports",
+            json!([0]),
+            "spec.allow[0].ports[0]",
+        ),
     ]
 }
 
