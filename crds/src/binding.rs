@@ -32,8 +32,8 @@ use crate::validate::{
     validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name: must be at most 63 characters")
 )]
 #[x_kube(validation = Rule::new(
-    "!self.inject.__in__.exists(s, s == 'query' || s == 'body') || self.destinations.all(d, has(d.methods) && size(d.methods) > 0 && has(d.paths) && size(d.paths) > 0)"
-).message("destinations: query and body surfaces need methods and paths on every destination").field_path(".destinations"))]
+    "!self.inject.__in__.exists(s, s == 'query' || s == 'body') || self.destinations.all(d, has(d.methods) && size(d.methods) > 0 && has(d.paths) && size(d.paths) > 0 && d.paths.all(p, p != '/*'))"
+).message("destinations: query and body surfaces need methods and paths (more specific than /*) on every destination").field_path(".destinations"))]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialBindingSpec {
     /// The service account whose pods get this credential. Only pods running
@@ -95,7 +95,7 @@ pub struct VaultSecretRef {
     pub path: String,
 
     /// The key inside the secret's data whose value is the credential.
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^\x00-\x1f\x7f]+$"))]
     pub key: String,
 
     /// The KV secrets engine version: 1 or 2.
@@ -115,6 +115,7 @@ pub struct PlaceholderSpec {
     /// The environment variable, in every agent container, that holds this
     /// pod's placeholder for the credential.
     #[schemars(length(min = 1, max = 128), regex(pattern = ENV_NAME_PATTERN))]
+    #[x_kube(validation = Rule::new("!(self in ['SSL_CERT_FILE', 'SSL_CERT_DIR', 'REQUESTS_CA_BUNDLE', 'CURL_CA_BUNDLE', 'NODE_EXTRA_CA_CERTS', 'NODE_OPTIONS', 'GIT_SSL_CAINFO', 'DENO_CERT', 'JAVA_TOOL_OPTIONS', 'LD_PRELOAD', 'LD_LIBRARY_PATH', 'PATH', 'HOME', 'HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY', 'NO_PROXY', 'http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'])").message("is reserved: the broker sets it (trust and proxy settings) or it changes how programs load"))]
     pub env: String,
 
     /// A prefix for the placeholder, so SDKs that check a key's shape accept
@@ -142,7 +143,7 @@ pub struct Destination {
     /// The HTTP methods allowed to carry the credential. Empty means any.
     /// Required for the query and body surfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 9))]
+    #[schemars(length(max = 7), extend("x-kubernetes-list-type" = "set"))]
     pub methods: Option<Vec<HttpMethod>>,
 
     /// Path globs allowed to carry the credential, e.g. `/v1/*` (`*` matches
@@ -150,6 +151,7 @@ pub struct Destination {
     /// body surfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024), regex(pattern = HTTP_PATH_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub paths: Option<Vec<String>>,
 
     /// Extra CA certificates to trust for this upstream, from a ConfigMap in
@@ -218,7 +220,7 @@ pub struct Inject {
     /// and `basicAuth`. `query` and `body` need methods and paths on every
     /// destination, because an echo of a body is hard to catch.
     #[serde(rename = "in", default = "default_surfaces")]
-    #[schemars(length(min = 1, max = 4))]
+    #[schemars(length(min = 1, max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub surfaces: Vec<Surface>,
 }
 

@@ -142,6 +142,10 @@ impl SidecarBindings {
     }
 }
 
+/// The longest placeholder accepted: it bounds what the sidecar holds back
+/// while scanning a stream.
+pub const MAX_PLACEHOLDER_LEN: usize = 128;
+
 /// The placeholders of one pod: binding id → placeholder. Placeholders are
 /// random per pod and are not secrets; the real values never leave the
 /// sidecar.
@@ -157,6 +161,25 @@ impl PodPlaceholders {
             reason: e.to_string(),
         })?;
         for (id, placeholder) in &parsed.0 {
+            // A placeholder inside another would let one binding's
+            // placeholder be read as the other's; two equal ones are
+            // ambiguous. Either is refused.
+            if let Some(other) = parsed.0.iter().find(|(other_id, other)| {
+                *other_id != id
+                    && (other.contains(placeholder.as_str())
+                        || placeholder.contains(other.as_str()))
+            }) {
+                return Err(Error::invalid(
+                    format!("placeholders[{id:?}]"),
+                    format!("overlaps the placeholder of {:?}", other.0),
+                ));
+            }
+            if placeholder.len() > MAX_PLACEHOLDER_LEN {
+                return Err(Error::invalid(
+                    format!("placeholders[{id:?}]"),
+                    format!("must be at most {MAX_PLACEHOLDER_LEN} characters"),
+                ));
+            }
             // Unreserved characters only: a placeholder must survive URL,
             // JSON and header contexts unchanged, so it can be found there.
             if placeholder.len() < 22
@@ -272,6 +295,17 @@ mod tests {
         let ok = r#"{"openai":"sk-cbph-0123456789abcdefghijKLMN"}"#;
         assert_eq!(PodPlaceholders::from_json(ok).unwrap().0.len(), 1);
         assert!(PodPlaceholders::from_json(r#"{"openai":"short"}"#).is_err());
+        let overlapping = r#"{"a":"0123456789abcdefghijKLMN","b":"x0123456789abcdefghijKLMNx"}"#;
+        assert!(
+            PodPlaceholders::from_json(overlapping)
+                .unwrap_err()
+                .to_string()
+                .contains("overlaps")
+        );
+        let same = r#"{"a":"0123456789abcdefghijKLMN","b":"0123456789abcdefghijKLMN"}"#;
+        assert!(PodPlaceholders::from_json(same).is_err());
+        let long = format!(r#"{{"a":"{}"}}"#, "x".repeat(129));
+        assert!(PodPlaceholders::from_json(&long).is_err());
         assert!(
             PodPlaceholders::from_json(r#"{"openai":"0123456789abcdefghijklmn\r\n"}"#).is_err()
         );

@@ -18,11 +18,23 @@ use crate::validate::{HOST_PATTERN, VAULT_MOUNT_PATTERN, VAULT_PATH_PREFIX_PATTE
     category = "credbroker",
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new(
+    "(has(self.allNamespaces) && self.allNamespaces) || (has(self.namespaceSelector.matchLabels) && size(self.namespaceSelector.matchLabels) > 0) || (has(self.namespaceSelector.matchExpressions) && size(self.namespaceSelector.matchExpressions) > 0)"
+).message("namespaceSelector: must select by labels or expressions; set allNamespaces: true to apply to every namespace").field_path(".namespaceSelector"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.namespaceSelector.matchExpressions) || self.namespaceSelector.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'] && ((e.operator in ['In', 'NotIn']) == (has(e.values) && size(e.values) > 0)))"
+).message("namespaceSelector.matchExpressions: operator must be In, NotIn, Exists or DoesNotExist; In and NotIn need values, Exists and DoesNotExist take none").field_path(".namespaceSelector.matchExpressions"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterCredentialPolicySpec {
-    /// The namespaces this policy applies to. An empty selector selects every
-    /// namespace.
+    /// The namespaces this policy applies to, by labels or expressions. It
+    /// must not be empty; see `allNamespaces`.
     pub namespace_selector: LabelSelector,
+
+    /// Apply to every namespace. An empty `namespaceSelector` is refused
+    /// unless this is set, so a mistyped selector (which the API server
+    /// prunes to `{}`) can never silently select every namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_namespaces: bool,
 
     /// What bindings in those namespaces may use. A binding is admitted when
     /// one allowance covers its mount, its path and every one of its
@@ -37,14 +49,18 @@ pub struct ClusterCredentialPolicySpec {
 pub struct Allowance {
     /// The Vault paths this allowance covers.
     pub vault: VaultPathGrant,
-    /// The destination hosts, exact or `*.`-wildcard. A wildcard here admits
-    /// any host under it, and the same wildcard in a binding.
+    /// The destination hosts, exact or `*.`-wildcard. A wildcard admits the
+    /// hosts exactly one label under it (`*.example.com` admits
+    /// `api.example.com`, not `example.com` or `a.b.example.com`) and the
+    /// same wildcard in a binding.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 253), regex(pattern = HOST_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub destinations: Vec<String>,
 
     /// The destination ports bindings may use with these hosts.
     #[serde(default = "default_ports")]
     #[schemars(length(min = 1, max = 16), inner(range(min = 1, max = 65535)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<u16>,
 
     /// Whether bindings may send these credentials over plain HTTP. Off by
@@ -56,8 +72,14 @@ pub struct Allowance {
     /// riskier (an echo of them is harder to catch) and must be allowed here
     /// explicitly.
     #[serde(default = "default_surfaces")]
-    #[schemars(length(min = 1, max = 4))]
+    #[schemars(length(min = 1, max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub surfaces: Vec<Surface>,
+
+    /// Whether bindings may add trust for these hosts with a `caConfigMap`.
+    /// Off by default: whoever can write ConfigMaps in a namespace could
+    /// otherwise make the broker trust a CA of their own for a bound host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_custom_ca: bool,
 }
 
 fn default_ports() -> Vec<u16> {
@@ -81,6 +103,6 @@ pub struct VaultPathGrant {
     /// `teams/research-evil/x`. Required; `""` covers the whole mount, so
     /// granting a whole mount is always written down.
     #[schemars(length(max = 512), regex(pattern = VAULT_PATH_PREFIX_PATTERN))]
-    #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('./') && !self.contains('/./') && self != '.'").message("must not contain a '.' or '..' segment"))]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('./') && !self.contains('/./') && !self.endsWith('/.') && self != '.'").message("must not contain a '.' or '..' segment"))]
     pub path_prefix: String,
 }

@@ -15,19 +15,28 @@ macro_rules! label {
     };
 }
 
-/// A host name, or `*.` followed by at least two labels (so `*.com` is refused).
+// The last label of a host starts with a letter, as every top-level domain
+// does: that refuses IP addresses and the numeric and hex forms inet_aton
+// resolves to them (`2130706433`, `0x7f000001` are 127.0.0.1). SNI never
+// carries an IP, so an IP destination could never be matched anyway.
+macro_rules! last_label {
+    () => {
+        "[a-z]([-a-z0-9]{0,61}[a-z0-9])?"
+    };
+}
+
+/// A host name, or `*.` followed by at least two labels (so `*.com` is
+/// refused); never an IP address.
 pub const HOST_PATTERN: &str = concat!(
-    r"^(\*\.",
+    r"^(\*\.(",
     label!(),
-    r"\.",
+    r"\.)+",
+    last_label!(),
+    r"|(",
     label!(),
-    r"(\.",
-    label!(),
-    r")*|",
-    label!(),
-    r"(\.",
-    label!(),
-    r")*)$"
+    r"\.)*",
+    last_label!(),
+    r")$"
 );
 /// A Kubernetes object name (DNS-1123 subdomain), e.g. a ServiceAccount's.
 /// No glob characters: Vault's `bound_service_account_names` treats `*` as
@@ -69,14 +78,89 @@ pub fn host(field: &str, value: &str) -> Result<()> {
         None => (false, value),
     };
     let labels: Vec<&str> = rest.split('.').collect();
-    if !labels.iter().all(|l| is_label(l)) {
+    let last_starts_with_letter = labels
+        .last()
+        .and_then(|l| l.bytes().next())
+        .is_some_and(|c| c.is_ascii_lowercase());
+    if !labels.iter().all(|l| is_label(l)) || !last_starts_with_letter {
         return reject(
-            "must be a lower-case host name with no scheme, port, path or spaces, \
-             and a wildcard only as one leading '*.' label",
+            "must be a lower-case host name (not an IP address) with no scheme, port, \
+             path or spaces, and a wildcard only as one leading '*.' label",
         );
     }
     if wildcard && labels.len() < 2 {
         return reject("is a wildcard over a top-level domain");
+    }
+    Ok(())
+}
+
+/// Whether a destination pattern (exact, or `*.` plus a suffix) matches
+/// `host`: a wildcard matches exactly one more label. Case and a trailing
+/// dot on `host` are ignored. The one definition the controller (policy
+/// admission) and the sidecar (routing) share.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .strip_suffix(&suffix.to_ascii_lowercase())
+            .and_then(|label| label.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        None => host == pattern.to_ascii_lowercase(),
+    }
+}
+
+/// Whether a policy's destination pattern admits a binding's destination
+/// pattern: an exact host it matches, or the very same wildcard.
+pub fn policy_host_admits(policy_pattern: &str, binding_host: &str) -> bool {
+    if binding_host.starts_with("*.") {
+        policy_pattern.eq_ignore_ascii_case(binding_host)
+    } else {
+        host_matches(policy_pattern, binding_host)
+    }
+}
+
+/// Environment variables a placeholder may not take: the broker sets the
+/// trust ones, and the rest change where traffic goes or how programs load.
+pub const RESERVED_ENV_NAMES: [&str; 21] = [
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "NODE_OPTIONS",
+    "GIT_SSL_CAINFO",
+    "DENO_CERT",
+    "JAVA_TOOL_OPTIONS",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "PATH",
+    "HOME",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+];
+
+fn max_len(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn max_items<T>(field: &str, items: &[T], max: usize) -> Result<()> {
+    if items.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("must have at most {max} items"),
+        ));
     }
     Ok(())
 }
@@ -237,6 +321,28 @@ pub fn http_path(field: &str, value: &str) -> Result<()> {
 /// Returns the first problem, naming its field as the API server would.
 pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
     dns_subdomain("spec.serviceAccountName", &spec.service_account_name)?;
+    max_len("spec.source.vault.key", &spec.source.vault.key, 256)?;
+    if spec.source.vault.key.bytes().any(|c| c < 0x20 || c == 0x7f) {
+        return Err(Error::invalid(
+            "spec.source.vault.key",
+            "must not contain control characters",
+        ));
+    }
+    max_len("spec.placeholder.env", &spec.placeholder.env, 128)?;
+    if RESERVED_ENV_NAMES.contains(&spec.placeholder.env.as_str()) {
+        return Err(Error::invalid("spec.placeholder.env", "is reserved"));
+    }
+    if let Some(prefix) = &spec.placeholder.prefix {
+        max_len("spec.placeholder.prefix", prefix, 32)?;
+    }
+    max_items("spec.destinations", &spec.destinations, 32)?;
+    if spec.inject.surfaces.is_empty() {
+        return Err(Error::invalid(
+            "spec.inject.in",
+            "must list at least one surface",
+        ));
+    }
+    max_items("spec.inject.in", &spec.inject.surfaces, 4)?;
     let vault = &spec.source.vault;
     vault_mount("spec.source.vault.mount", &vault.mount)?;
     vault_path("spec.source.vault.path", &vault.path)?;
@@ -274,6 +380,16 @@ pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
                 "must be 1-65535",
             ));
         }
+        max_items(
+            &format!("spec.destinations[{i}].methods"),
+            d.methods.as_deref().unwrap_or(&[]),
+            7,
+        )?;
+        max_items(
+            &format!("spec.destinations[{i}].paths"),
+            d.paths.as_deref().unwrap_or(&[]),
+            64,
+        )?;
         for (j, p) in d.paths.iter().flatten().enumerate() {
             http_path(&format!("spec.destinations[{i}].paths[{j}]"), p)?;
         }
@@ -289,7 +405,9 @@ pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
         &spec.inject.surfaces,
         spec.destinations.iter().map(|d| {
             d.methods.as_ref().is_some_and(|m| !m.is_empty())
-                && d.paths.as_ref().is_some_and(|p| !p.is_empty())
+                && d.paths
+                    .as_ref()
+                    .is_some_and(|p| !p.is_empty() && !p.iter().any(|g| g == "/*"))
         }),
     )?;
     refresh_interval("spec.refreshInterval", &spec.refresh_interval)
@@ -297,6 +415,36 @@ pub fn binding_spec(spec: &CredentialBindingSpec) -> Result<()> {
 
 /// Everything the schema checks on a policy spec, checked again in Rust.
 pub fn policy_spec(spec: &ClusterCredentialPolicySpec) -> Result<()> {
+    let selector = &spec.namespace_selector;
+    let labels = selector
+        .match_labels
+        .as_ref()
+        .is_some_and(|m| !m.is_empty());
+    let expressions = selector
+        .match_expressions
+        .as_ref()
+        .is_some_and(|e| !e.is_empty());
+    if !spec.all_namespaces && !labels && !expressions {
+        return Err(Error::invalid(
+            "spec.namespaceSelector",
+            "must select by labels or expressions; set allNamespaces: true to apply to every namespace",
+        ));
+    }
+    for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
+        let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
+        let ok = match e.operator.as_str() {
+            "In" | "NotIn" => has_values,
+            "Exists" | "DoesNotExist" => !has_values,
+            _ => false,
+        };
+        if !ok {
+            return Err(Error::invalid(
+                format!("spec.namespaceSelector.matchExpressions[{i}]"),
+                "operator must be In or NotIn with values, or Exists or DoesNotExist without",
+            ));
+        }
+    }
+    max_items("spec.allow", &spec.allow, 64)?;
     if spec.allow.is_empty() {
         return Err(Error::invalid(
             "spec.allow",
@@ -351,7 +499,7 @@ mod tests {
             "*.anthropic.com",
             "localhost",
             "a-b.c9.io",
-            "10.0.0.1",
+            "upstream",
         ] {
             host("h", ok).unwrap();
         }
@@ -365,6 +513,12 @@ mod tests {
             "*.com",
             "a.*.com",
             "*a.com",
+            "10.0.0.1",
+            "169.254.169.254",
+            "2130706433",
+            "0x7f000001",
+            "*.0.1",
+            "a.b.9z",
             "**.a.com",
             "A.com",
             "-a.com",
@@ -375,6 +529,22 @@ mod tests {
         ] {
             assert!(host("h", bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn host_matching_is_one_label_deep() {
+        assert!(host_matches("*.anthropic.com", "api.anthropic.com"));
+        assert!(host_matches("*.anthropic.com", "API.anthropic.com."));
+        assert!(!host_matches("*.anthropic.com", "anthropic.com"));
+        assert!(!host_matches("*.anthropic.com", "a.b.anthropic.com"));
+        assert!(!host_matches("*.anthropic.com", "evilanthropic.com"));
+        assert!(!host_matches("*.anthropic.com", ".anthropic.com"));
+        assert!(host_matches("api.openai.com", "API.openai.com."));
+        assert!(!host_matches("api.openai.com", "api.openai.com.evil"));
+        assert!(policy_host_admits("*.anthropic.com", "*.anthropic.com"));
+        assert!(policy_host_admits("*.anthropic.com", "api.anthropic.com"));
+        assert!(!policy_host_admits("*.anthropic.com", "*.b.anthropic.com"));
+        assert!(!policy_host_admits("api.anthropic.com", "*.anthropic.com"));
     }
 
     #[test]

@@ -259,9 +259,25 @@ pub fn process_scratch_root() -> Result<PathBuf> {
             .create(&dir)
             .map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
     }
-    // The shared root must be traversable for the unprivileged UIDs tests
-    // run agents as only where a fixture opts in; our own folder never is.
-    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    // $TMPDIR is shared: refuse a root or folder that is a symlink or
+    // belongs to someone else (planted to receive our keys), rather than
+    // following it.
+    for d in [&root, &dir] {
+        let meta = std::fs::symlink_metadata(d)
+            .map_err(|e| Error::Io(format!("inspecting {}", d.display()), e))?;
+        use std::os::unix::fs::MetadataExt;
+        if meta.file_type().is_symlink()
+            || !meta.is_dir()
+            || meta.uid() != nix::unistd::geteuid().as_raw()
+        {
+            return Err(Error::Other(format!(
+                "{} is not a directory owned by this user; remove it and rerun",
+                d.display()
+            )));
+        }
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::Io(format!("restricting {}", dir.display()), e))?;
     Ok(dir)
 }
 

@@ -281,6 +281,60 @@ pub fn invalid_binding_cases() -> Vec<Case> {
             "spec.serviceAccountName",
         ));
     }
+    for (name, host) in [
+        ("an IPv4 address", "169.254.169.254"),
+        ("a decimal IP", "2130706433"),
+        ("a hex IP", "0x7f000001"),
+    ] {
+        cases.push(case(
+            name,
+            "/spec/destinations/0/host",
+            json!(host),
+            "spec.destinations[0].host",
+        ));
+    }
+    for env in ["SSL_CERT_FILE", "LD_PRELOAD", "https_proxy"] {
+        cases.push(case(
+            "a reserved env name",
+            "/spec/placeholder/env",
+            json!(env),
+            "spec.placeholder.env",
+        ));
+    }
+    cases.push(case(
+        "no surfaces",
+        "/spec/inject/in",
+        json!([]),
+        "spec.inject.in",
+    ));
+    cases.push(case(
+        "a long env name",
+        "/spec/placeholder/env",
+        json!("A".repeat(129)),
+        "spec.placeholder.env",
+    ));
+    cases.push(case(
+        "a long prefix",
+        "/spec/placeholder/prefix",
+        json!("p".repeat(33)),
+        "spec.placeholder.prefix",
+    ));
+    cases.push(case(
+        "a key with a newline",
+        "/spec/source/vault/key",
+        json!("api\nkey"),
+        "spec.source.vault.key",
+    ));
+    cases.push(Case {
+        name: "body surface scoped only to /*",
+        pointer: "/spec/inject/in",
+        value: json!(["body"]),
+        also: Some((
+            "/spec/destinations",
+            json!([{ "host": "api.openai.com", "methods": ["POST"], "paths": ["/*"] }]),
+        )),
+        field: "spec.destinations",
+    });
     for reserved in ["sys", "auth", "identity", "cubbyhole"] {
         cases.push(case(
             "a reserved mount",
@@ -330,6 +384,36 @@ pub fn invalid_policy_cases() -> Vec<Case> {
             "/spec/allow/0/ports",
             json!([0]),
             "spec.allow[0].ports[0]",
+        ),
+        case(
+            "a mistyped selector",
+            "/spec/namespaceSelector",
+            json!({ "matchlabels": { "team": "research" } }),
+            "spec.namespaceSelector",
+        ),
+        case(
+            "an empty selector",
+            "/spec/namespaceSelector",
+            json!({}),
+            "spec.namespaceSelector",
+        ),
+        case(
+            "an unknown operator",
+            "/spec/namespaceSelector",
+            json!({ "matchExpressions": [{ "key": "team", "operator": "Bogus" }] }),
+            "spec.namespaceSelector.matchExpressions",
+        ),
+        case(
+            "In without values",
+            "/spec/namespaceSelector",
+            json!({ "matchExpressions": [{ "key": "team", "operator": "In" }] }),
+            "spec.namespaceSelector.matchExpressions",
+        ),
+        case(
+            "prefix ending in a . segment",
+            "/spec/allow/0/vault/pathPrefix",
+            json!("teams/."),
+            "spec.allow[0].vault.pathPrefix",
         ),
     ]
 }
