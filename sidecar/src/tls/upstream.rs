@@ -1,0 +1,187 @@
+//! The client side toward real upstreams (invariant 3): every connection
+//! verifies the upstream's certificate for the bound host name against the
+//! system roots plus configured CAs. There is no way to skip verification
+//! here, by design: no dangerous verifier is ever built.
+//!
+//! One [`ClientConfig`] exists per distinct set of extra CAs (none, or a
+//! destination's `extraCaPem`), built on first use and shared, so handshakes
+//! reuse sessions and no connection pays for parsing roots.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::{alpn_protocols, parse_pem_certs, provider};
+use crate::{Error, Result};
+
+/// Distinct extra-CA sets kept; a config reload that churns through more
+/// starts the cache afresh rather than growing without bound.
+const MAX_CACHED_CONFIGS: usize = 64;
+
+/// Verified TLS client configs for upstreams.
+pub struct UpstreamTls {
+    roots: RootCertStore,
+    base: Arc<ClientConfig>,
+    /// Keyed by the destination's extra-CA PEM text.
+    with_extra: RwLock<HashMap<Box<str>, Arc<ClientConfig>>>,
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// Trust `system_roots` (unparseable ones are skipped, as every TLS
+    /// client does) plus the global `extra_cas` (each must be usable). An
+    /// empty result is an error: it would refuse every upstream.
+    pub fn new(
+        system_roots: &[CertificateDer<'static>],
+        extra_cas: &[CertificateDer<'static>],
+    ) -> Result<Self> {
+        let mut roots = RootCertStore::empty();
+        let (_, ignored) = roots.add_parsable_certificates(system_roots.iter().cloned());
+        if ignored > 0 {
+            tracing::debug!(ignored, "system roots not usable as trust anchors");
+        }
+        add_extras(&mut roots, extra_cas, "configured extra CA")?;
+        if roots.is_empty() {
+            return Err(Error::Tls(
+                "no trusted roots for upstreams (no system roots and no extra CAs)".into(),
+            ));
+        }
+        let base = build(roots.clone())?;
+        Ok(Self {
+            roots,
+            base,
+            with_extra: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The config for a destination, trusting also its `extra_ca_pem`.
+    pub fn client_config(&self, extra_ca_pem: Option<&str>) -> Result<Arc<ClientConfig>> {
+        let Some(pem) = extra_ca_pem.filter(|p| !p.trim().is_empty()) else {
+            return Ok(self.base.clone());
+        };
+        if let Some(config) = self
+            .with_extra
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(pem)
+        {
+            return Ok(config.clone());
+        }
+        let extras = parse_pem_certs(pem, "a destination's extra CA")?;
+        let mut roots = self.roots.clone();
+        add_extras(&mut roots, &extras, "a destination's extra CA")?;
+        let config = build(roots)?;
+        let mut cache = self
+            .with_extra
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_CACHED_CONFIGS {
+            cache.clear();
+        }
+        Ok(cache.entry(pem.into()).or_insert(config).clone())
+    }
+
+    /// Opens TLS to `host` over `io`, verifying the certificate for `host`.
+    /// Errors name the host and say whether its certificate was refused.
+    pub async fn connect<IO>(
+        &self,
+        host: &str,
+        extra_ca_pem: Option<&str>,
+        io: IO,
+    ) -> Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| Error::Tls(format!("upstream {host:?}: not a valid server name: {e}")))?;
+        let config = self.client_config(extra_ca_pem)?;
+        TlsConnector::from(config)
+            .connect(name, io)
+            .await
+            .map_err(|e| {
+                let tls = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+                match tls {
+                    Some(rustls::Error::InvalidCertificate(reason)) => Error::Tls(format!(
+                        "upstream {host}: certificate refused ({reason:?}); not trusted by the \
+                         system roots or configured CAs for this name"
+                    )),
+                    _ => Error::Tls(format!("upstream {host}: TLS handshake failed: {e}")),
+                }
+            })
+    }
+}
+
+fn add_extras(
+    roots: &mut RootCertStore,
+    extras: &[CertificateDer<'static>],
+    what: &str,
+) -> Result<()> {
+    for (i, cert) in extras.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| {
+            Error::Tls(format!("{what} #{}: not a usable trust anchor: {e}", i + 1))
+        })?;
+    }
+    Ok(())
+}
+
+fn build(roots: RootCertStore) -> Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(format!("upstream TLS config: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn_protocols();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn some_ca() -> CertificateDer<'static> {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::tls::PodCa::load_or_generate(tmp.path())
+            .unwrap()
+            .cert_der()
+            .clone()
+    }
+
+    #[test]
+    fn configs_are_cached_per_extra_ca() {
+        let tls = UpstreamTls::new(&[some_ca()], &[]).unwrap();
+        let pem = crate::tls::certs_to_pem([&some_ca()]);
+        let a = tls.client_config(Some(&pem)).unwrap();
+        let b = tls.client_config(Some(&pem)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&tls.client_config(None).unwrap(), &tls.base));
+        assert!(!Arc::ptr_eq(&a, &tls.base));
+        assert_eq!(a.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn no_roots_at_all_is_an_error() {
+        assert!(UpstreamTls::new(&[], &[]).is_err());
+    }
+
+    #[test]
+    fn bad_extra_ca_is_an_error() {
+        let tls = UpstreamTls::new(&[some_ca()], &[]).unwrap();
+        let err = tls.client_config(Some("not pem")).unwrap_err();
+        assert!(err.to_string().contains("extra CA"), "{err}");
+    }
+}
