@@ -94,10 +94,11 @@ pub enum Decision {
 /// Decides one request. `seen[i]` says where binding `i`'s placeholder
 /// appeared (a slice parallel to `bindings`, or shorter: missing = unseen).
 pub fn decide(bindings: &[SidecarBinding], seen: &[SeenOn], req: &RequestFacts<'_>) -> Decision {
-    if req.tls && !authority_matches(req.authority, req.host, req.port) {
+    if !authority_matches(req.authority, req.host, req.port) {
         // Checked before anything else, placeholder or not: a connection
         // whose TLS was terminated for one name must not carry requests for
-        // another (connection coalescing, domain fronting).
+        // another (connection coalescing, domain fronting), and in
+        // cleartext the Host's port must be the connection's real port.
         return Decision::Misdirected;
     }
     let mut inject = Vec::new();
@@ -172,55 +173,64 @@ fn canonical_host(host: &str) -> String {
 pub use credbroker_crds::validate::host_matches;
 
 /// Whether the request's authority names the connection's destination:
-/// same host (case-insensitive, trailing dot ignored) and, if a port is
-/// given, the original port (a default port may be omitted).
+/// the same host (case-insensitive, a trailing dot ignored) and either the
+/// original port written as plain digits, or no port when the original port
+/// is the scheme's default (443, or 80 in cleartext). Anything looser
+/// (`[host]:443`, `host:+443`, a missing port on 8443) would let the
+/// upstream see a Host other than the one checked.
 pub fn authority_matches(authority: Option<&str>, host: &str, port: u16) -> bool {
     let Some(authority) = authority else {
         // HTTP/1.1 requires Host, and the HTTP layer rejects requests
         // without one; HTTP/2 may omit :authority only for non-http schemes.
         return false;
     };
-    let (a_host, a_port) = split_authority(authority);
+    if authority.starts_with('[') || authority.contains('@') {
+        // Destinations are DNS names (never IP literals), and userinfo is
+        // not allowed in Host or :authority.
+        return false;
+    }
+    let (a_host, a_port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
     let port_ok = match a_port {
-        None => true,
-        Some(p) => p.parse::<u16>().ok() == Some(port),
+        None => port == 443 || port == 80,
+        Some(p) => {
+            !p.is_empty()
+                && !p.starts_with('0')
+                && p.bytes().all(|c| c.is_ascii_digit())
+                && p.parse::<u16>().ok() == Some(port)
+        }
     };
     port_ok && canonical_host(a_host) == canonical_host(host)
 }
 
-fn split_authority(authority: &str) -> (&str, Option<&str>) {
-    // userinfo is not allowed in Host/:authority; treat it as a mismatch by
-    // keeping it in the host part.
-    if let Some(rest) = authority.strip_prefix('[') {
-        // [v6]:port
-        return match rest.split_once(']') {
-            Some((h, tail)) => (h, tail.strip_prefix(':')),
-            None => (authority, None),
-        };
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
-    }
-}
-
 /// A path an upstream will not rewrite into another: no `.` or `..`
-/// segments, no encoded `/`, `\` or `.`, no backslash, no empty segment.
+/// segments, no empty segment but a trailing one, no backslash, no encoded
+/// `/`, `\`, `.` or NUL, no double encoding (`%25`, for upstreams that
+/// decode twice) and no `;` (Tomcat, Jetty and Spring read `..;` as `..`).
 pub fn path_is_normalized(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if path.contains('\\') || path.contains(';') {
         return false;
     }
     let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%2e", "%00"]
+    if ["%2f", "%5c", "%2e", "%00", "%25"]
         .iter()
         .any(|enc| lower.contains(enc))
     {
         return false;
     }
-    path[1..].split('/').enumerate().all(|(i, seg)| {
-        let last = i == path[1..].split('/').count() - 1;
-        seg != "." && seg != ".." && (!seg.is_empty() || last)
-    })
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if seg == "." || seg == ".." || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Matches a path glob where `*` stands for any run of characters.
@@ -416,6 +426,10 @@ mod tests {
             ("evil.com", false),
             ("api.openai.com.evil.com", false),
             ("user@api.openai.com", false),
+            ("[api.openai.com]:443", false),
+            ("api.openai.com:+443", false),
+            ("api.openai.com:", false),
+            ("api.openai.com:0443", false),
         ] {
             let r = req("api.openai.com", authority, "POST", "/v1/x");
             let d = decide(&b, &[NONE], &r);
@@ -498,6 +512,9 @@ mod tests {
             "/x%2fy",
             "/x\\y",
             "/x%00",
+            "/v1/..;/admin",
+            "/v1/%252e%252e/admin",
+            "/v1/x;jsessionid=1",
         ] {
             assert!(!path_is_normalized(bad), "{bad}");
         }

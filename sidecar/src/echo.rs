@@ -521,6 +521,10 @@ impl<D: Borrow<EchoDetector>> EchoStream<D> {
         }
         let hold = detector.hold_from(&data);
         self.pending.extend_from_slice(&data[hold..]);
+        // The held-back tail may be the start of a secret: wipe it before
+        // truncating, so it does not linger in the released buffer's spare
+        // capacity.
+        data[hold..].zeroize();
         data.truncate(hold);
         Ok(Bytes::from(data))
     }
