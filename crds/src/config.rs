@@ -42,10 +42,24 @@ pub struct SidecarBinding {
     pub secret: VaultSecretRef,
     /// The only destinations the real value may go to.
     pub destinations: Vec<SidecarDestination>,
-    /// Where in a request the placeholder may be swapped.
+    /// Where in a request the placeholder may be swapped (default: headers).
+    #[serde(default = "default_surfaces")]
     pub surfaces: Vec<Surface>,
-    /// How often to check Vault for a new version (e.g. `30s`).
+    /// How often to check Vault for a new version (e.g. `30s`; default 30s).
+    #[serde(default = "default_refresh_interval")]
     pub refresh_interval: String,
+}
+
+fn default_surfaces() -> Vec<Surface> {
+    vec![Surface::Header]
+}
+
+fn default_refresh_interval() -> String {
+    "30s".to_owned()
+}
+
+fn default_port() -> u16 {
+    443
 }
 
 /// A destination, with any extra CA already resolved to PEM (CA
@@ -55,6 +69,8 @@ pub struct SidecarBinding {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SidecarDestination {
     pub host: String,
+    /// Default 443.
+    #[serde(default = "default_port")]
     pub port: u16,
     /// Empty means any method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -139,6 +155,51 @@ impl SidecarBindings {
             validate::refresh_interval(&at("refreshInterval"), &b.refresh_interval)?;
         }
         Ok(())
+    }
+}
+
+/// Local mode's one file (`credbroker-sidecar local --config FILE`): the
+/// bindings and this machine's placeholders together, YAML or JSON. In a pod
+/// the two come from different places (the controller's ConfigMap and the
+/// webhook's annotation); on a laptop one hand-written file is simpler.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalConfig {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    #[serde(default)]
+    pub bindings: Vec<SidecarBinding>,
+    /// Binding id → the placeholder the agent uses for it.
+    #[serde(default)]
+    pub placeholders: PodPlaceholders,
+}
+
+impl LocalConfig {
+    /// Parses (YAML, so JSON too) and validates both parts.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let parsed: Self = serde_yaml::from_str(text).map_err(|e| Error::Parse {
+            what: "local config".into(),
+            reason: e.to_string(),
+        })?;
+        parsed.split()?;
+        Ok(parsed)
+    }
+
+    /// The two parts, as a pod's sidecar would read them, each validated.
+    pub fn split(&self) -> Result<(SidecarBindings, PodPlaceholders)> {
+        let bindings = SidecarBindings {
+            format_version: self.format_version,
+            vault_role: None,
+            bindings: self.bindings.clone(),
+        };
+        bindings.validate()?;
+        let placeholders = PodPlaceholders::from_json(
+            &serde_json::to_string(&self.placeholders).map_err(|e| Error::Parse {
+                what: "local config placeholders".into(),
+                reason: e.to_string(),
+            })?,
+        )?;
+        Ok((bindings, placeholders))
     }
 }
 
@@ -288,6 +349,35 @@ mod tests {
                 .to_string()
                 .contains("formatVersion")
         );
+    }
+
+    #[test]
+    fn a_local_config_takes_defaults_and_refuses_typos() {
+        let yaml = r#"
+formatVersion: 1
+bindings:
+  - id: openai
+    secret: { mount: secret, path: teams/research/openai, key: api_key }
+    destinations:
+      - host: api.openai.com
+placeholders:
+  openai: sk-cbph-0123456789abcdefghijKLMN
+"#;
+        let config = LocalConfig::from_yaml(yaml).unwrap();
+        let (bindings, placeholders) = config.split().unwrap();
+        let b = &bindings.bindings[0];
+        assert_eq!(b.surfaces, vec![Surface::Header]);
+        assert_eq!(b.refresh_interval, "30s");
+        assert_eq!(b.destinations[0].port, 443);
+        assert_eq!(b.secret.kv_version, 2);
+        assert_eq!(placeholders.0.len(), 1);
+
+        let typo = yaml.replace("destinations:", "destination:");
+        let e = LocalConfig::from_yaml(&typo).unwrap_err().to_string();
+        assert!(e.contains("destination"), "{e}");
+        let short = yaml.replace("sk-cbph-0123456789abcdefghijKLMN", "short");
+        let e = LocalConfig::from_yaml(&short).unwrap_err().to_string();
+        assert!(e.contains("openai"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,18 @@ impl SeenOn {
     pub fn any(self) -> bool {
         self.header || self.query || self.body || self.basic_auth
     }
+
+    /// Seen on `surface` alone.
+    pub fn only(surface: Surface) -> Self {
+        let mut seen = Self::default();
+        match surface {
+            Surface::Header => seen.header = true,
+            Surface::Query => seen.query = true,
+            Surface::Body => seen.body = true,
+            Surface::BasicAuth => seen.basic_auth = true,
+        }
+        seen
+    }
 }
 
 /// Why a request carrying a placeholder was refused.
@@ -117,6 +129,20 @@ pub fn decide(bindings: &[SidecarBinding], seen: &[SeenOn], req: &RequestFacts<'
         inject.push(i);
     }
     Decision::Forward { inject }
+}
+
+/// Whether `binding`'s placeholder may be swapped on `surface` of `req`,
+/// whether or not it was seen there. For a streamed body, which cannot be
+/// scanned before it is forwarded: the body scanner gets values only for
+/// the bindings this allows, and a placeholder of any other fails the body.
+/// The authority check of [`decide`] applies as well; call this only for
+/// requests [`decide`] forwards.
+pub fn may_swap(
+    binding: &SidecarBinding,
+    surface: Surface,
+    req: &RequestFacts<'_>,
+) -> Result<(), BlockReason> {
+    allowed(binding, SeenOn::only(surface), req)
 }
 
 /// Whether `binding` may be injected into `req`: some destination must match
@@ -473,6 +499,30 @@ mod tests {
         assert_eq!(
             decide(&b, &[HEADER], &r),
             Decision::Forward { inject: vec![0] }
+        );
+    }
+
+    #[test]
+    fn may_swap_follows_the_same_rules_per_surface() {
+        let mut b = openai_and_anthropic();
+        b[0].surfaces.push(Surface::Body);
+        let ok = req("api.openai.com", "api.openai.com", "POST", "/v1/chat");
+        assert_eq!(may_swap(&b[0], Surface::Body, &ok), Ok(()));
+        assert_eq!(
+            may_swap(&b[0], Surface::Query, &ok),
+            Err(BlockReason::SurfaceNotAllowed(Surface::Query))
+        );
+        assert_eq!(
+            may_swap(
+                &b[0],
+                Surface::Body,
+                &req("api.openai.com", "api.openai.com", "GET", "/v1/chat")
+            ),
+            Err(BlockReason::MethodNotAllowed)
+        );
+        assert_eq!(
+            may_swap(&b[1], Surface::Body, &ok),
+            Err(BlockReason::SurfaceNotAllowed(Surface::Body))
         );
     }
 

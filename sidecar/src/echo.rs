@@ -489,6 +489,11 @@ impl<D: Borrow<EchoDetector>> EchoStream<D> {
         self.pending.len()
     }
 
+    /// The detector this stream checks with.
+    pub fn detector(&self) -> &EchoDetector {
+        self.detector.borrow()
+    }
+
     /// Takes the next chunk; returns what may be released.
     pub fn feed(&mut self, chunk: Bytes) -> Result<Bytes, EchoFound> {
         if let Some(found) = self.found {

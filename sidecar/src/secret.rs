@@ -101,6 +101,101 @@ impl Drop for SecretValue {
 
 impl ZeroizeOnDrop for SecretValue {}
 
+/// How a value is written into a part of a request. A raw value dropped into
+/// a query string, a form or a JSON string would change its structure when
+/// it holds `&`, `"` or the like, so each surface gets the value encoded for
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// As is: headers, basic-auth passwords, raw bodies.
+    Raw,
+    /// Percent-encoded, every byte but RFC 3986 unreserved ones: query
+    /// strings and `application/x-www-form-urlencoded` bodies.
+    Percent,
+    /// The inside of a JSON string: `"`, `\` and control characters escaped.
+    Json,
+}
+
+/// A secret in every [`Form`], derived once when the value is read so no
+/// request encodes anything. Each form is a [`SecretValue`]: not printable,
+/// zeroed on drop.
+pub struct SecretForms {
+    raw: SecretValue,
+    percent: SecretValue,
+    json: SecretValue,
+}
+
+impl SecretForms {
+    pub fn new(raw: SecretValue) -> Self {
+        let percent = encode(raw.expose_secret(), percent_len, push_percent);
+        let json = encode(raw.expose_secret(), json_len, push_json);
+        Self { raw, percent, json }
+    }
+
+    pub fn get(&self, form: Form) -> &SecretValue {
+        match form {
+            Form::Raw => &self.raw,
+            Form::Percent => &self.percent,
+            Form::Json => &self.json,
+        }
+    }
+
+    pub fn raw(&self) -> &SecretValue {
+        &self.raw
+    }
+}
+
+/// Encodes into an exactly sized buffer, so it never reallocates (a
+/// reallocation would leave an unwiped copy behind).
+fn encode(raw: &[u8], len: fn(u8) -> usize, push: fn(&mut Vec<u8>, u8)) -> SecretValue {
+    let mut out = Vec::with_capacity(raw.iter().map(|&b| len(b)).sum());
+    for &b in raw {
+        push(&mut out, b);
+    }
+    SecretValue::new(out)
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+fn percent_len(b: u8) -> usize {
+    if is_unreserved(b) { 1 } else { 3 }
+}
+
+fn push_percent(out: &mut Vec<u8>, b: u8) {
+    if is_unreserved(b) {
+        out.push(b);
+    } else {
+        out.extend_from_slice(&[
+            b'%',
+            HEX_UPPER[usize::from(b >> 4)],
+            HEX_UPPER[usize::from(b & 15)],
+        ]);
+    }
+}
+
+fn json_len(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' => 2,
+        0x00..=0x1f => 6,
+        _ => 1,
+    }
+}
+
+fn push_json(out: &mut Vec<u8>, b: u8) {
+    match b {
+        b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
+        0x00..=0x1f => out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX_UPPER[usize::from(b >> 4)],
+            HEX_UPPER[usize::from(b & 15)],
+        ]),
+        _ => out.push(b),
+    }
+}
+
 /// The shortest placeholder accepted from the pod annotation (the same
 /// rule as `credbroker_crds::config::PodPlaceholders::from_json`).
 pub const PLACEHOLDER_MIN_LEN: usize = 22;
@@ -347,6 +442,27 @@ mod tests {
         let e = Placeholder::parse(&"a".repeat(PLACEHOLDER_MAX_LEN + 1)).unwrap_err();
         // The error describes the value without repeating it.
         assert!(!e.to_string().contains("aaaa"), "{e}");
+    }
+
+    #[test]
+    fn forms_encode_for_their_surface() {
+        let forms = SecretForms::new(SecretValue::copy_from(b"a b&c=\"d\\e\n~-._"));
+        assert_eq!(forms.get(Form::Raw).expose_secret(), b"a b&c=\"d\\e\n~-._");
+        assert_eq!(
+            forms.get(Form::Percent).expose_secret(),
+            b"a%20b%26c%3D%22d%5Ce%0A~-._"
+        );
+        assert_eq!(
+            forms.get(Form::Json).expose_secret(),
+            b"a b&c=\\\"d\\\\e\\u000A~-._"
+        );
+        // A JSON-escaped value read back by a JSON parser is the value.
+        let quoted = format!(
+            "\"{}\"",
+            String::from_utf8_lossy(forms.get(Form::Json).expose_secret())
+        );
+        let back: String = serde_json::from_str(&quoted).unwrap();
+        assert_eq!(back.as_bytes(), forms.raw().expose_secret());
     }
 
     #[test]

@@ -317,6 +317,17 @@ impl fmt::Debug for PlaceholderSet {
 }
 
 impl PlaceholderSet {
+    /// The set with no placeholders (nothing is ever found or swapped).
+    pub fn empty() -> Self {
+        Self {
+            automaton: None,
+            patterns: Vec::new(),
+            sorted: Vec::new(),
+            first_bytes: [0; 4],
+            max_len: 0,
+        }
+    }
+
     /// Builds the set from `(binding index, binding id, placeholder)`. A
     /// binding may have several placeholders; two bindings may not share
     /// one, and no placeholder may contain another.

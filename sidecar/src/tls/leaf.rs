@@ -78,6 +78,9 @@ pub struct LeafCacheStats {
 
 struct Entry {
     key: Arc<CertifiedKey>,
+    /// A server config that presents only this leaf, and only to a client
+    /// asking for this name.
+    config: Arc<ServerConfig>,
     /// Monotonic: a wall-clock jump neither keeps a leaf past its renewal
     /// nor throws every leaf away at once.
     renew_at: Instant,
@@ -149,13 +152,41 @@ impl LeafCertCache {
     /// DNS name (case and one trailing dot are ignored); IP addresses,
     /// wildcards and anything else are refused.
     pub fn get(&self, sni: &str) -> Result<Arc<CertifiedKey>> {
+        self.entry(sni).map(|(key, _)| key)
+    }
+
+    /// The TLS server config for a connection the proxy terminates for
+    /// `sni`: it presents the leaf for `sni` and refuses a handshake that
+    /// asks for any other name, so the parser that routed the connection
+    /// and the TLS stack cannot disagree about which name is served.
+    pub fn config_for(&self, sni: &str) -> Result<Arc<ServerConfig>> {
+        self.entry(sni).map(|(_, config)| config)
+    }
+
+    /// The config for `sni` if it is cached and fresh: no minting, so it
+    /// is cheap enough for the accept path. `None`: call
+    /// [`Self::config_for`] off the async threads.
+    pub fn cached_config(&self, sni: &str) -> Option<Arc<ServerConfig>> {
+        let name = normalize_sni(sni).ok()?;
+        let shard = &self.shards[self.shard_of(&name)];
+        let map = read(shard);
+        let entry = map.get(name.as_ref())?;
+        if entry.renew_at > Instant::now() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            Some(entry.config.clone())
+        } else {
+            None
+        }
+    }
+
+    fn entry(&self, sni: &str) -> Result<(Arc<CertifiedKey>, Arc<ServerConfig>)> {
         let name = normalize_sni(sni)?;
         let shard = &self.shards[self.shard_of(&name)];
         if let Some(entry) = read(shard).get(name.as_ref())
             && entry.renew_at > Instant::now()
         {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(entry.key.clone());
+            return Ok((entry.key.clone(), entry.config.clone()));
         }
         let minted = self.mint(&name)?;
         self.mints.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +198,7 @@ impl LeafCertCache {
         {
             // Another handshake minted it meanwhile: keep one certificate
             // per name.
-            return Ok(existing.key.clone());
+            return Ok((existing.key.clone(), existing.config.clone()));
         }
         if !map.contains_key(name.as_ref()) && map.len() >= self.per_shard {
             let oldest = map
@@ -179,9 +210,9 @@ impl LeafCertCache {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let key = minted.key.clone();
+        let found = (minted.key.clone(), minted.config.clone());
         map.insert(name.into_owned().into_boxed_str(), minted);
-        Ok(key)
+        Ok(found)
     }
 
     /// Hit, mint and eviction counts, and the current size.
@@ -251,10 +282,35 @@ impl LeafCertCache {
             .duration_since(now_wall)
             .unwrap_or_default()
             .saturating_sub(self.policy.renew_before);
+        let key = Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing_key));
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(format!("server TLS config for {name}: {e}")))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(PinnedResolver {
+                name: name.into(),
+                key: key.clone(),
+            }));
+        config.alpn_protocols = alpn_protocols();
         Ok(Entry {
-            key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing_key)),
+            key,
+            config: Arc::new(config),
             renew_at: now + renew_in,
         })
+    }
+}
+
+/// Presents one leaf, only for its own name.
+#[derive(Debug)]
+struct PinnedResolver {
+    name: Box<str>,
+    key: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for PinnedResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let asked = normalize_sni(client_hello.server_name()?).ok()?;
+        (asked.as_ref() == &*self.name).then(|| self.key.clone())
     }
 }
 

@@ -24,12 +24,18 @@ use crate::{Error, Result};
 /// starts the cache afresh rather than growing without bound.
 const MAX_CACHED_CONFIGS: usize = 64;
 
+/// Client configs by (extra-CA PEM text, HTTP/1.1 only).
+type ConfigCache = RwLock<HashMap<(Box<str>, bool), Arc<ClientConfig>>>;
+
 /// Verified TLS client configs for upstreams.
 pub struct UpstreamTls {
     roots: RootCertStore,
     base: Arc<ClientConfig>,
-    /// Keyed by the destination's extra-CA PEM text.
-    with_extra: RwLock<HashMap<Box<str>, Arc<ClientConfig>>>,
+    /// The base config offering only HTTP/1.1 (for upgrades).
+    base_h1: Arc<ClientConfig>,
+    /// Keyed by the destination's extra-CA PEM text and whether only
+    /// HTTP/1.1 is offered.
+    with_extra: ConfigCache,
 }
 
 impl fmt::Debug for UpstreamTls {
@@ -59,31 +65,48 @@ impl UpstreamTls {
                 "no trusted roots for upstreams (no system roots and no extra CAs)".into(),
             ));
         }
-        let base = build(roots.clone())?;
+        let base = build(roots.clone(), false)?;
+        let base_h1 = build(roots.clone(), true)?;
         Ok(Self {
             roots,
             base,
+            base_h1,
             with_extra: RwLock::new(HashMap::new()),
         })
     }
 
     /// The config for a destination, trusting also its `extra_ca_pem`.
     pub fn client_config(&self, extra_ca_pem: Option<&str>) -> Result<Arc<ClientConfig>> {
+        self.client_config_for(extra_ca_pem, false)
+    }
+
+    /// [`Self::client_config`], offering only HTTP/1.1 when `h1_only`
+    /// (WebSocket upgrades need an HTTP/1.1 connection).
+    pub fn client_config_for(
+        &self,
+        extra_ca_pem: Option<&str>,
+        h1_only: bool,
+    ) -> Result<Arc<ClientConfig>> {
         let Some(pem) = extra_ca_pem.filter(|p| !p.trim().is_empty()) else {
-            return Ok(self.base.clone());
+            return Ok(if h1_only {
+                self.base_h1.clone()
+            } else {
+                self.base.clone()
+            });
         };
+        let key: (Box<str>, bool) = (pem.into(), h1_only);
         if let Some(config) = self
             .with_extra
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(pem)
+            .get(&key)
         {
             return Ok(config.clone());
         }
         let extras = parse_pem_certs(pem, "a destination's extra CA")?;
         let mut roots = self.roots.clone();
         add_extras(&mut roots, &extras, "a destination's extra CA")?;
-        let config = build(roots)?;
+        let config = build(roots, h1_only)?;
         let mut cache = self
             .with_extra
             .write()
@@ -91,7 +114,7 @@ impl UpstreamTls {
         if cache.len() >= MAX_CACHED_CONFIGS {
             cache.clear();
         }
-        Ok(cache.entry(pem.into()).or_insert(config).clone())
+        Ok(cache.entry(key).or_insert(config).clone())
     }
 
     /// Opens TLS to `host` over `io`, verifying the certificate for `host`.
@@ -105,9 +128,23 @@ impl UpstreamTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        self.connect_for(host, extra_ca_pem, false, io).await
+    }
+
+    /// [`Self::connect`], offering only HTTP/1.1 when `h1_only`.
+    pub async fn connect_for<IO>(
+        &self,
+        host: &str,
+        extra_ca_pem: Option<&str>,
+        h1_only: bool,
+        io: IO,
+    ) -> Result<TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let name = ServerName::try_from(host.to_owned())
             .map_err(|e| Error::Tls(format!("upstream {host:?}: not a valid server name: {e}")))?;
-        let config = self.client_config(extra_ca_pem)?;
+        let config = self.client_config_for(extra_ca_pem, h1_only)?;
         TlsConnector::from(config)
             .connect(name, io)
             .await
@@ -139,13 +176,17 @@ fn add_extras(
     Ok(())
 }
 
-fn build(roots: RootCertStore) -> Result<Arc<ClientConfig>> {
+fn build(roots: RootCertStore, h1_only: bool) -> Result<Arc<ClientConfig>> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(format!("upstream TLS config: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = alpn_protocols();
+    config.alpn_protocols = if h1_only {
+        vec![super::ALPN_HTTP11.to_vec()]
+    } else {
+        alpn_protocols()
+    };
     Ok(Arc::new(config))
 }
 

@@ -1,0 +1,259 @@
+//! One JSON line per intercepted request (DESIGN.md section 4): which pod,
+//! which binding, where to, the method and the path (never the query), the
+//! decision, the upstream's status and the latency. Never a value, never a
+//! placeholder, never a header.
+//!
+//! Records go to a writer thread through a bounded queue, so a slow log
+//! pipe never stalls a request; a record that does not fit is counted
+//! (`credbroker_sidecar_audit_records_dropped_total`) and said in a log line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+
+/// The longest path kept in a record; the rest is cut (paths are not
+/// secret, but unbounded fields make unbounded log lines).
+pub const MAX_PATH_LEN: usize = 256;
+/// Records the queue holds before new ones are dropped.
+const QUEUE_LEN: usize = 8192;
+
+/// What happened to one request; field names are the audit format.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    /// Always `"audit"`, so the line stands out from log lines.
+    pub kind: &'static str,
+    /// Seconds since the Unix epoch.
+    pub ts: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<Arc<str>>,
+    /// The bindings swapped in (or the one blocked).
+    pub bindings: Vec<Arc<str>>,
+    /// `host:port` the request was for.
+    pub destination: String,
+    pub method: String,
+    /// The path without its query, cut at [`MAX_PATH_LEN`].
+    pub path: String,
+    /// `forwarded`, `injected`, `exfiltration_blocked`, `echo_blocked`,
+    /// `misdirected`, `secret_unavailable`, `bad_request`, `upstream_error`, ...
+    pub decision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The status the agent got (none when the response was aborted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The status the upstream answered (none when it was not asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    pub latency_ms: f64,
+}
+
+impl AuditRecord {
+    /// A record with the request's identity filled in and the outcome empty.
+    pub fn new(destination: String, method: &str, path: &str) -> Self {
+        Self {
+            kind: "audit",
+            ts: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            pod: None,
+            namespace: None,
+            bindings: Vec::new(),
+            destination,
+            method: method.to_owned(),
+            path: cut(path, MAX_PATH_LEN).to_owned(),
+            decision: "forwarded",
+            reason: None,
+            status: None,
+            upstream_status: None,
+            latency_ms: 0.0,
+        }
+    }
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Where records are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    /// Appended to.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AuditSink {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(if s == "-" {
+            Self::Stdout
+        } else {
+            Self::File(s.into())
+        })
+    }
+}
+
+/// The audit log: cheap to clone, safe from any task.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<String>,
+    pod: Option<Arc<str>>,
+    namespace: Option<Arc<str>>,
+    metrics: Arc<Metrics>,
+    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens `sink` and starts the writer thread.
+    pub fn start(
+        sink: &AuditSink,
+        pod: Option<String>,
+        namespace: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let out: Box<dyn Write + Send> = match sink {
+            AuditSink::Stdout => Box::new(std::io::stdout()),
+            AuditSink::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| Error::Io {
+                        what: format!("opening the audit log {}", path.display()),
+                        source: e,
+                    })?,
+            ),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_LEN);
+        let writer = std::thread::Builder::new()
+            .name("credbroker-audit".into())
+            .spawn(move || write_records(rx, out))
+            .map_err(|e| Error::Io {
+                what: "starting the audit writer thread".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            tx,
+            pod: pod.filter(|p| !p.is_empty()).map(Arc::from),
+            namespace: namespace.filter(|n| !n.is_empty()).map(Arc::from),
+            metrics,
+            writer: Arc::new(Mutex::new(Some(writer))),
+        })
+    }
+
+    /// Queues one record.
+    pub fn record(&self, mut record: AuditRecord) {
+        record.pod = self.pod.clone();
+        record.namespace = self.namespace.clone();
+        let line = match serde_json::to_string(&record) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode an audit record");
+                return;
+            }
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.metrics.audit_dropped();
+                tracing::error!("audit writer is behind; an audit record was dropped");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.metrics.audit_dropped();
+            }
+        }
+    }
+
+    /// Writes out what is queued and stops the writer (at shutdown). Other
+    /// clones can still record; their records are dropped and counted.
+    pub fn close(self) {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(self.tx);
+        if let Some(writer) = writer {
+            // The thread ends once every sender is gone; other clones may
+            // still hold one, so do not wait for it forever.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !writer.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn write_records(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::new(out);
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        // Batch what is already queued, then flush: one write per burst.
+        while let Ok(line) = rx.try_recv() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_json_lines_without_the_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::start(
+            &AuditSink::File(path.clone()),
+            Some("agent-0".into()),
+            Some("agents".into()),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let mut r = AuditRecord::new("api.example.com:443".into(), "POST", "/v1/chat");
+        r.bindings.push(Arc::from("openai"));
+        r.decision = "injected";
+        r.status = Some(200);
+        r.upstream_status = Some(200);
+        log.record(r);
+        log.record(AuditRecord::new("x:443".into(), "GET", &"/a".repeat(300)));
+        log.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["kind"], "audit");
+        assert_eq!(lines[0]["pod"], "agent-0");
+        assert_eq!(lines[0]["bindings"][0], "openai");
+        assert_eq!(lines[0]["decision"], "injected");
+        assert_eq!(lines[0]["path"], "/v1/chat");
+        assert_eq!(lines[1]["path"].as_str().unwrap().len(), MAX_PATH_LEN);
+    }
+}

@@ -1,0 +1,434 @@
+//! What to do with a connection once its first bytes were peeked (shared
+//! by the transparent proxy and the local proxy's CONNECT tunnels):
+//!
+//! - TLS whose SNI (and destination port) a binding covers: terminate it
+//!   with a leaf for that name, pinned so the handshake cannot ask for
+//!   another, and serve HTTP/1.1 or HTTP/2 by ALPN;
+//! - cleartext HTTP/1.1 or HTTP/2 with prior knowledge: serve it (a
+//!   placeholder goes out only where its binding allows cleartext);
+//! - anything else (TLS for an unbound name, no SNI, a server-speaks-first
+//!   protocol, other cleartext): splice it to where it was going, untouched
+//!   (cleartext still scanned for placeholders), or refuse it in `deny`
+//!   egress mode.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::AuditRecord;
+use crate::config::EgressMode;
+use crate::engine::Engine;
+use crate::http::{ConnInfo, Protocol};
+use crate::intercept::{PeekVerdict, Peeked, Replay};
+use crate::splice::{SpliceEnd, splice};
+use crate::tls::leaf::normalize_sni;
+use crate::upstream::{dial, resolve};
+
+/// How to reach where a connection was going, for a splice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dial {
+    /// The original destination (transparent mode).
+    Addr(SocketAddr),
+    /// A name the sidecar resolves (local mode's CONNECT target).
+    Name(String, u16),
+}
+
+impl std::fmt::Display for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => a.fmt(f),
+            Self::Name(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+/// Where a connection was going.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub port: u16,
+    pub dial: Dial,
+    /// Transparent mode: the original destination.
+    pub original: Option<SocketAddr>,
+    /// Local mode: the CONNECT target's host.
+    pub tunnel_host: Option<String>,
+}
+
+/// Handles a connection whose first bytes `peeked` read from `stream`.
+pub async fn route<S>(
+    engine: Arc<Engine>,
+    stream: S,
+    peeked: Peeked,
+    destination: Destination,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let snapshot = engine.snapshot();
+    match peeked.verdict {
+        PeekVerdict::ClientHello(hello) => {
+            let sni = hello
+                .sni
+                .as_deref()
+                .and_then(|s| normalize_sni(s).ok())
+                .map(|s| s.into_owned());
+            let tunnel = destination.tunnel_host.as_deref();
+            let sni_covered = sni
+                .as_deref()
+                .is_some_and(|s| snapshot.covers(s, destination.port, true));
+            let tunnel_covered = tunnel.is_some_and(|t| snapshot.covers(t, destination.port, true));
+            match (sni, tunnel) {
+                (Some(sni), None) if sni_covered => {
+                    terminate(engine, stream, peeked.bytes, sni, destination, shutdown).await;
+                }
+                (Some(sni), Some(t)) if sni_covered && sni == t => {
+                    terminate(engine, stream, peeked.bytes, sni, destination, shutdown).await;
+                }
+                _ if sni_covered || tunnel_covered => {
+                    // A tunnel to a bound host must carry TLS for that very
+                    // name, and a bound name must come through its own
+                    // tunnel: anything else is refused, not spliced.
+                    engine.metrics.connection("refused");
+                    tracing::warn!(destination = %destination.dial,
+                        "TLS server name and CONNECT target disagree on a bound host; connection refused");
+                }
+                _ => passthrough(&engine, stream, peeked.bytes, &destination, false).await,
+            }
+        }
+        PeekVerdict::NotTls => {
+            let mut stream = stream;
+            let mut bytes = peeked.bytes;
+            match sniff_cleartext(&mut stream, &mut bytes, engine.settings.header_timeout).await {
+                Sniff::Http1 | Sniff::H2Prior => {
+                    let protocol = if bytes.starts_with(H2_PREFACE) {
+                        Protocol::Http2
+                    } else {
+                        Protocol::Http1
+                    };
+                    engine.metrics.connection("cleartext");
+                    let info = ConnInfo {
+                        sni: None,
+                        port: destination.port,
+                        original: destination.original,
+                        tunnel_host: destination.tunnel_host.clone(),
+                        proxy_form: false,
+                    };
+                    crate::http::serve(
+                        Replay::new(bytes, stream),
+                        protocol,
+                        info,
+                        engine,
+                        shutdown,
+                    )
+                    .await;
+                }
+                Sniff::Other | Sniff::NeedMore => {
+                    passthrough(&engine, stream, bytes, &destination, true).await;
+                }
+            }
+        }
+        PeekVerdict::Malformed(_) | PeekVerdict::Silent => {
+            passthrough(&engine, stream, peeked.bytes, &destination, true).await;
+        }
+        PeekVerdict::Stalled | PeekVerdict::Closed => {
+            engine.metrics.connection("abandoned");
+        }
+    }
+}
+
+/// Terminates TLS for a bound `sni` and serves HTTP on it.
+async fn terminate<S>(
+    engine: Arc<Engine>,
+    stream: S,
+    prefix: Vec<u8>,
+    sni: String,
+    destination: Destination,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if engine.settings.strict_destination
+        && let Some(original) = destination.original
+    {
+        let resolved = resolve(&sni, destination.port).await;
+        let matches = resolved.as_ref().is_ok_and(|addrs| {
+            addrs
+                .iter()
+                .any(|a| a.ip().to_canonical() == original.ip().to_canonical())
+        });
+        if !matches {
+            engine.metrics.connection("refused");
+            tracing::warn!(sni = %sni, original = %original,
+                "strict destination: the connection's destination is not an address of its name; refused");
+            return;
+        }
+    }
+    let config = match engine.leaves.cached_config(&sni) {
+        Some(config) => config,
+        None => {
+            // Minting signs with the CA key: off the async threads.
+            let leaves = engine.leaves.clone();
+            let name = sni.clone();
+            match tokio::task::spawn_blocking(move || leaves.config_for(&name)).await {
+                Ok(Ok(config)) => config,
+                Ok(Err(e)) => {
+                    tracing::error!(sni = %sni, error = %e, "no leaf certificate; connection closed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(sni = %sni, error = %e, "minting a leaf failed; connection closed");
+                    return;
+                }
+            }
+        }
+    };
+    let timeout = engine.settings.header_timeout;
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+        rustls::server::Acceptor::default(),
+        Replay::new(prefix, stream),
+    );
+    let start = match tokio::time::timeout(timeout, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::debug!(sni = %sni, error = %e, "TLS handshake from the agent failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let asked = start
+        .client_hello()
+        .server_name()
+        .and_then(|s| normalize_sni(s).ok())
+        .map(|s| s.into_owned());
+    if asked.as_deref() != Some(sni.as_str()) {
+        // The TLS stack read another name than the router did: refuse
+        // rather than guess which one is meant.
+        engine.metrics.connection("refused");
+        tracing::warn!(sni = %sni, "the TLS handshake names another server than its first bytes did; refused");
+        return;
+    }
+    let tls = match tokio::time::timeout(timeout, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(sni = %sni, error = %e, "TLS handshake from the agent failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    engine.metrics.connection("terminated");
+    let protocol = if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let info = ConnInfo {
+        sni: Some(sni),
+        port: destination.port,
+        original: destination.original,
+        tunnel_host: destination.tunnel_host,
+        proxy_form: false,
+    };
+    crate::http::serve(tls, protocol, info, engine, shutdown).await;
+}
+
+/// Splices a connection no binding covers to where it was going, or
+/// refuses it in `deny` mode. `scan`: the bytes are cleartext, so the
+/// agent's side is checked for placeholders.
+async fn passthrough<S>(
+    engine: &Arc<Engine>,
+    stream: S,
+    prefix: Vec<u8>,
+    destination: &Destination,
+    scan: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if engine.settings.egress == EgressMode::Deny {
+        engine.metrics.connection("refused");
+        tracing::info!(destination = %destination.dial, "egress is deny: connection to an unbound destination refused");
+        return;
+    }
+    let timeout = engine.settings.connect_timeout;
+    let upstream = match &destination.dial {
+        Dial::Addr(addr) => dial(&addr.to_string(), &[*addr], timeout).await,
+        Dial::Name(host, port) => match resolve(host, *port).await {
+            Ok(addrs) => dial(&format!("{host}:{port}"), &addrs, timeout).await,
+            Err(e) => Err(e),
+        },
+    };
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            engine.metrics.connection("unreachable");
+            tracing::info!(destination = %destination.dial, error = %e, "passthrough: could not reach the destination");
+            return;
+        }
+    };
+    engine.metrics.connection("passthrough");
+    let snapshot = engine.snapshot();
+    let set = scan.then(|| snapshot.placeholders.clone());
+    let end = splice(stream, upstream, &prefix, engine.settings.idle_timeout, set).await;
+    if let SpliceEnd::Placeholder { binding } = end {
+        let id = snapshot
+            .bindings
+            .get(binding)
+            .map(|b| b.id.clone())
+            .unwrap_or_default();
+        let label = snapshot.label(binding);
+        engine.metrics.blocked(&label, "exfiltration_blocked");
+        let mut record = AuditRecord::new(destination.dial.to_string(), "", "");
+        record.decision = "exfiltration_blocked";
+        record.reason = Some(
+            "placeholder in a cleartext stream to an unbound destination; connection closed".into(),
+        );
+        record.bindings = vec![Arc::from(id.as_str())];
+        engine.audit.record(record);
+        tracing::warn!(binding = %id, destination = %destination.dial,
+            "a placeholder was sent in cleartext to an unbound destination; connection closed");
+    }
+}
+
+/// The HTTP/2 client preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The longest request line looked at before deciding a stream is not HTTP.
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    NeedMore,
+    Http1,
+    H2Prior,
+    Other,
+}
+
+/// Whether cleartext bytes begin an HTTP/1.x request line or the HTTP/2
+/// preface (pure; every prefix of a request line is `NeedMore`).
+pub fn classify_cleartext(bytes: &[u8]) -> Sniff {
+    if bytes.is_empty() {
+        return Sniff::NeedMore;
+    }
+    let h2_possible = H2_PREFACE.starts_with(&bytes[..bytes.len().min(H2_PREFACE.len())]);
+    if h2_possible && bytes.len() >= H2_PREFACE.len() {
+        return Sniff::H2Prior;
+    }
+    // METHOD SP target SP HTTP/1.x CRLF
+    let mut i = 0;
+    while i < bytes.len() && bytes[i].is_ascii_uppercase() && i < 20 {
+        i += 1;
+    }
+    if i == bytes.len() {
+        return Sniff::NeedMore;
+    }
+    if i == 0 || bytes[i] != b' ' {
+        return Sniff::Other;
+    }
+    i += 1;
+    let target_start = i;
+    while i < bytes.len() && bytes[i] > b' ' && bytes[i] != 0x7f {
+        i += 1;
+    }
+    if i == bytes.len() {
+        return if bytes.len() > MAX_REQUEST_LINE {
+            Sniff::Other
+        } else {
+            Sniff::NeedMore
+        };
+    }
+    if i == target_start || bytes[i] != b' ' {
+        return if h2_possible {
+            Sniff::NeedMore
+        } else {
+            Sniff::Other
+        };
+    }
+    i += 1;
+    let version = &bytes[i..];
+    let want = b"HTTP/1.";
+    let n = version.len().min(want.len());
+    if version[..n] != want[..n] {
+        return if h2_possible {
+            Sniff::NeedMore
+        } else {
+            Sniff::Other
+        };
+    }
+    if version.len() <= want.len() {
+        return Sniff::NeedMore;
+    }
+    if !version[want.len()].is_ascii_digit() {
+        return Sniff::Other;
+    }
+    match version.get(want.len() + 1) {
+        None => Sniff::NeedMore,
+        Some(b'\r') | Some(b'\n') => {
+            if h2_possible {
+                // "PRI * HTTP/1.x" is not the preface; read on.
+                Sniff::NeedMore
+            } else {
+                Sniff::Http1
+            }
+        }
+        Some(_) => Sniff::Other,
+    }
+}
+
+/// Reads from `stream` into `bytes` until [`classify_cleartext`] decides
+/// (or `timeout` passes: then what was read decides).
+async fn sniff_cleartext<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    bytes: &mut Vec<u8>,
+    timeout: std::time::Duration,
+) -> Sniff {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match classify_cleartext(bytes) {
+            Sniff::NeedMore if bytes.len() < MAX_REQUEST_LINE + H2_PREFACE.len() => {}
+            Sniff::NeedMore => return Sniff::Other,
+            decided => return decided,
+        }
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniff::Other,
+            Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleartext_http_is_told_from_other_protocols() {
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Sniff::Http1),
+            (b"POST /v1/x?y=1 HTTP/1.0\n", Sniff::Http1),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Sniff::H2Prior),
+            (b"GET / HTTP/1.1", Sniff::NeedMore),
+            (b"GE", Sniff::NeedMore),
+            (b"P", Sniff::NeedMore),
+            (b"PRI * HTTP/2", Sniff::NeedMore),
+            (b"SET k v\r\n", Sniff::Other),
+            (b"*1\r\n$4\r\nPING\r\n", Sniff::Other),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Sniff::Other),
+            (b"get key\r\n", Sniff::Other),
+            (b"GET / HTTP/2.0\r\n", Sniff::Other),
+            (b"GET  / HTTP/1.1\r\n", Sniff::Other),
+        ] {
+            assert_eq!(
+                classify_cleartext(bytes),
+                want,
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // Every prefix of a request line asks for more.
+        let line = b"DELETE /a/b HTTP/1.1\r\n";
+        for end in 1..line.len() - 1 {
+            assert_eq!(classify_cleartext(&line[..end]), Sniff::NeedMore, "{end}");
+        }
+        let long = [b"GET /".as_slice(), &[b'a'; MAX_REQUEST_LINE]].concat();
+        assert_eq!(classify_cleartext(&long), Sniff::Other);
+    }
+}

@@ -1,0 +1,407 @@
+//! Starting and stopping `proxy` and `local`: harden the process, load the
+//! trust and the pod CA, write the agent's trust bundle, start the engine,
+//! listen, and on SIGTERM drain open connections before exiting.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::AuditLog;
+use crate::config::{self, ConfigFiles, EngineArgs, LogFormat, SecretSourceKind};
+use crate::engine::{Engine, EngineSettings};
+use crate::metrics::Metrics;
+use crate::source::SecretSource;
+use crate::store::{SecretStore, StoreSettings};
+use crate::tls::{LeafCertCache, PodCa, UpstreamTls};
+use crate::{Error, Result};
+
+/// The default port of the admin endpoints in a pod.
+pub const DEFAULT_ADMIN_PORT: u16 = 15021;
+/// The default port of the local proxy.
+pub const DEFAULT_LOCAL_PORT: u16 = 15080;
+
+/// `credbroker-sidecar proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The port the pod's redirected TCP arrives on (127.0.0.1 and [::1]).
+    #[arg(long, env = "CREDBROKER_PROXY_PORT", default_value_t = crate::init::DEFAULT_PROXY_PORT)]
+    pub proxy_port: u16,
+    /// The bindings (the controller's ConfigMap key); absent means none.
+    #[arg(
+        long,
+        env = "CREDBROKER_BINDINGS_FILE",
+        default_value = "/etc/credbroker/bindings/bindings.v1.json"
+    )]
+    pub bindings_file: PathBuf,
+    /// The pod's placeholders (the downward-API file of the pod annotation).
+    #[arg(
+        long,
+        env = "CREDBROKER_PLACEHOLDERS_FILE",
+        default_value = "/etc/credbroker/pod/placeholders"
+    )]
+    pub placeholders_file: PathBuf,
+}
+
+/// `credbroker-sidecar local`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The one config file: bindings and placeholders (YAML or JSON).
+    #[arg(long, env = "CREDBROKER_CONFIG")]
+    pub config: PathBuf,
+    /// Where the proxy listens (loopback only).
+    #[arg(long, env = "CREDBROKER_LISTEN",
+          default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_LOCAL_PORT))]
+    pub listen: SocketAddr,
+}
+
+/// Makes the process hard to read from outside: no core dumps, not
+/// ptrace-attachable by same-UID processes (`PR_SET_DUMPABLE=0`), and
+/// enough descriptors for the connection limit.
+pub fn harden(max_connections: usize) -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    nix::sys::prctl::set_dumpable(false).map_err(|e| Error::Io {
+        what: "setting PR_SET_DUMPABLE=0".into(),
+        source: e.into(),
+    })?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| Error::Io {
+        what: "turning core dumps off (RLIMIT_CORE)".into(),
+        source: e.into(),
+    })?;
+    // Two descriptors per connection (agent and upstream), and some slack.
+    let want = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < want
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
+    }
+    Ok(())
+}
+
+/// Logs to stderr, as text or JSON lines; `RUST_LOG` filters (default info).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn settings(args: &EngineArgs) -> EngineSettings {
+    EngineSettings {
+        egress: args.egress,
+        strict_destination: args.strict_destination,
+        max_header_bytes: args.max_header_bytes,
+        max_buffered_body: args.max_buffered_body,
+        first_byte_timeout: args.first_byte_timeout,
+        client_hello_timeout: args.client_hello_timeout,
+        header_timeout: args.header_timeout,
+        connect_timeout: args.connect_timeout,
+        response_timeout: args.response_timeout,
+        idle_timeout: args.idle_timeout,
+        drain_timeout: args.drain_timeout,
+    }
+}
+
+fn secret_source(args: &EngineArgs) -> Result<Arc<dyn SecretSource>> {
+    match args.secret_source {
+        SecretSourceKind::File => {
+            let dir = args
+                .secrets_dir
+                .clone()
+                .ok_or_else(|| Error::Config("--secret-source file needs --secrets-dir".into()))?;
+            if !dir.is_dir() {
+                return Err(Error::Config(format!(
+                    "--secrets-dir {}: not a directory",
+                    dir.display()
+                )));
+            }
+            Ok(Arc::new(crate::source::file::FileSource::new(dir)))
+        }
+        SecretSourceKind::Vault => Err(Error::NotImplemented(
+            "the Vault secret source (issue 4); use --secret-source file --secrets-dir DIR",
+        )),
+    }
+}
+
+/// What both modes start before they listen.
+struct Started {
+    engine: Arc<Engine>,
+    config_tx: watch::Sender<Option<Arc<config::Config>>>,
+}
+
+async fn start(args: &EngineArgs, files: ConfigFiles, local: bool) -> Result<Started> {
+    args.validate()?;
+    let extra_cas = load_extra_cas(&args.extra_ca_files)?;
+    let system_roots = match crate::tls::system_roots() {
+        Ok(roots) => roots,
+        // Local mode on a machine without a system bundle can still reach
+        // upstreams its extra CAs cover.
+        Err(e) if local && !extra_cas.is_empty() => {
+            tracing::warn!(error = %e, "no system roots; trusting only the extra CAs");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let upstream_tls = Arc::new(UpstreamTls::new(&system_roots, &extra_cas)?);
+    let ca = Arc::new(PodCa::load_or_generate(&args.ca_dir)?);
+    let summary = crate::tls::write_bundle(&args.bundle_dir, &ca, &system_roots, &extra_cas)?;
+    tracing::info!(
+        ca = ?ca.origin(),
+        bundle = %args.bundle_dir.display(),
+        certificates = summary.bundle_certs,
+        "trust bundle written for agents"
+    );
+    let leaves = Arc::new(LeafCertCache::new(ca));
+    let mut metrics = Metrics::new();
+    metrics.register_leaf_cache(leaves.clone());
+    let metrics = Arc::new(metrics);
+    let audit = AuditLog::start(
+        &args.audit_log,
+        args.pod_name.clone(),
+        args.pod_namespace.clone(),
+        metrics.clone(),
+    )?;
+    let store = SecretStore::new(
+        secret_source(args)?,
+        StoreSettings {
+            max_staleness: args.max_staleness,
+            echo_grace: args.echo_grace,
+            ..StoreSettings::default()
+        },
+        metrics.clone(),
+    );
+    let engine = Engine::new(
+        settings(args),
+        metrics.clone(),
+        audit,
+        leaves,
+        upstream_tls,
+        store,
+    );
+
+    let contents = config::read_contents(&files);
+    let initial = match config::parse(&files, &contents) {
+        Ok(config) => {
+            for part in config::parts_of(&files) {
+                metrics.config_reload(part, true);
+            }
+            tracing::info!(
+                bindings = config.bindings.bindings.len(),
+                placeholders = config.placeholders.0.len(),
+                "config loaded"
+            );
+            Some(Arc::new(config))
+        }
+        Err((part, error)) if !local => {
+            metrics.config_reload(part, false);
+            tracing::error!(part, %error, "the config could not be loaded; not ready until it can");
+            engine.config_failed(error);
+            None
+        }
+        Err((_, error)) => return Err(Error::Config(error)),
+    };
+    let (config_tx, config_rx) = watch::channel(initial);
+    tokio::spawn(engine.clone().run_builder(config_rx));
+    // The watcher publishes into a channel of plain configs; forward them.
+    let (watch_tx, mut watch_rx) = watch::channel(Arc::new(config::Config::empty()));
+    tokio::spawn(config::watch_config(
+        files,
+        contents,
+        args.reload_interval,
+        watch_tx,
+        metrics.clone(),
+    ));
+    {
+        let config_tx = config_tx.clone();
+        tokio::spawn(async move {
+            while watch_rx.changed().await.is_ok() {
+                let config = watch_rx.borrow_and_update().clone();
+                config_tx.send_replace(Some(config));
+            }
+        });
+    }
+    Ok(Started { engine, config_tx })
+}
+
+fn load_extra_cas(files: &[PathBuf]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let mut certs = Vec::new();
+    for file in files {
+        let pem = std::fs::read_to_string(file).map_err(|e| Error::Io {
+            what: format!("reading --extra-ca-file {}", file.display()),
+            source: e,
+        })?;
+        certs.extend(crate::tls::parse_pem_certs(
+            &pem,
+            &file.display().to_string(),
+        )?);
+    }
+    Ok(certs)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Io {
+        what: format!("listening on {addr} ({what})"),
+        source: e,
+    })
+}
+
+/// Whether IPv6 is usable in this network namespace.
+fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM, just
+        // without draining.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Stops accepting, lets open connections finish for the drain timeout,
+/// then returns.
+async fn drain(engine: &Engine, shutdown: CancellationToken, tracker: TaskTracker) {
+    tracing::info!(drain = ?engine.settings.drain_timeout, "shutting down: draining open connections");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(engine.settings.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain timeout; closing them");
+    }
+    engine.audit.clone().close();
+}
+
+/// Runs `credbroker-sidecar proxy` until SIGTERM.
+pub async fn run_proxy(args: ProxyArgs) -> Result<()> {
+    harden(args.engine.max_connections)?;
+    init_logging(args.engine.log_format);
+    let files = ConfigFiles::Pod {
+        bindings: args.bindings_file.clone(),
+        placeholders: args.placeholders_file.clone(),
+    };
+    let Started { engine, config_tx } = start(&args.engine, files, false).await?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(args.engine.max_connections));
+
+    let mut listeners = vec![
+        bind(
+            (Ipv4Addr::LOCALHOST, args.proxy_port).into(),
+            "redirected IPv4",
+        )
+        .await?,
+    ];
+    if ipv6_enabled() {
+        // With IPv6 on, redirected IPv6 must land somewhere: failing to
+        // listen is fatal, or IPv6 egress would fail without a word.
+        listeners.push(
+            bind(
+                (Ipv6Addr::LOCALHOST, args.proxy_port).into(),
+                "redirected IPv6",
+            )
+            .await?,
+        );
+    }
+    for listener in listeners {
+        tokio::spawn(crate::proxy::accept_loop(
+            engine.clone(),
+            listener,
+            limit.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let admin_addr = args.engine.admin_addr.unwrap_or(SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        DEFAULT_ADMIN_PORT,
+    ));
+    let admin = match bind(admin_addr, "admin").await {
+        Ok(l) => l,
+        // A pod without IPv6: the unspecified IPv4 address instead.
+        Err(_) if admin_addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            bind(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), admin_addr.port()),
+                "admin",
+            )
+            .await?
+        }
+        Err(e) => return Err(e),
+    };
+    tokio::spawn(crate::admin::serve(engine.clone(), admin, shutdown.clone()));
+    tracing::info!(port = args.proxy_port, admin = %admin_addr, egress = ?args.engine.egress, "proxy listening");
+    terminated().await;
+    drop(config_tx);
+    drain(&engine, shutdown, tracker).await;
+    Ok(())
+}
+
+/// Runs `credbroker-sidecar local` until SIGTERM or Ctrl-C.
+pub async fn run_local(args: LocalArgs) -> Result<()> {
+    harden(args.engine.max_connections)?;
+    init_logging(args.engine.log_format);
+    if !args.listen.ip().is_loopback() {
+        return Err(Error::Config(format!(
+            "--listen {}: local mode listens on loopback only (127.0.0.1 or [::1])",
+            args.listen
+        )));
+    }
+    let files = ConfigFiles::Local(args.config.clone());
+    let Started { engine, config_tx } = start(&args.engine, files, true).await?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(args.engine.max_connections));
+    let listener = bind(args.listen, "local proxy").await?;
+    let listening = listener.local_addr().unwrap_or(args.listen);
+    tokio::spawn(crate::local::accept_loop(
+        engine.clone(),
+        listener,
+        limit,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(admin_addr) = args.engine.admin_addr {
+        let admin = bind(admin_addr, "admin").await?;
+        tokio::spawn(crate::admin::serve(engine.clone(), admin, shutdown.clone()));
+    }
+    tracing::info!(
+        listen = %listening,
+        bundle = %args.engine.bundle_dir.join(crate::tls::bundle::BUNDLE_FILE).display(),
+        "local proxy listening: use HTTPS_PROXY=http://{listening} and trust the bundle"
+    );
+    terminated().await;
+    drop(config_tx);
+    drain(&engine, shutdown, tracker).await;
+    Ok(())
+}
