@@ -69,7 +69,10 @@ async fn serve_client(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let (io, verdicts) = GuardedIo::new(stream, engine.settings.max_header_bytes as usize);
+    let (io, verdicts) = GuardedIo::new(
+        stream,
+        crate::http::guard::head_limit(engine.settings.max_header_bytes),
+    );
     let info = Arc::new(ConnInfo {
         proxy_form: true,
         ..ConnInfo::default()
@@ -97,6 +100,7 @@ async fn serve_client(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(engine.settings.header_timeout)
+        .max_header_size(engine.settings.max_header_bytes as usize)
         .max_buf_size(engine.settings.max_header_bytes as usize);
     let conn = builder
         .serve_connection(TokioIo::new(io), service)

@@ -1,6 +1,6 @@
 //! Fixtures that start the real parts credbroker's tests run against
 //! (DESIGN.md section 6): OpenBao, kube-apiserver + etcd, Linux network
-//! namespaces, and recording TLS upstreams.
+//! namespaces, a DNS server, and recording TLS upstreams.
 //!
 //! Every fixture owns its processes and files and tears them down on drop, so
 //! a panicking test leaves nothing behind. A missing part is an error that
@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod dns;
 pub mod netns;
 pub mod openbao;
 pub mod pki;

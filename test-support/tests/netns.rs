@@ -673,3 +673,49 @@ fn a_pair_is_isolated_from_the_host_and_reachable_only_at_its_ends() -> TestResu
     drop(pair);
     assert_gone(&names)
 }
+
+#[tokio::test]
+#[ignore = "needs root, network namespaces and dnsmasq"]
+async fn names_resolve_through_the_test_dns_server_in_the_namespaces_it_serves() -> TestResult {
+    use credbroker_test_support::dns::Dns;
+    let pair = NetnsPair::new()?;
+    let (pod, remote) = (pair.a(), pair.b());
+    let mut dns = Dns::start(
+        remote.netns(),
+        remote.ipv4().into(),
+        &[(
+            "api.example.test",
+            vec![remote.ipv4().into(), remote.ipv6().into()],
+        )],
+    )?;
+    dns.serve(pod.netns())?;
+    let resolved = pod
+        .netns()
+        .exec("getent")
+        .user(AGENT)
+        .args(["ahosts", "api.example.test"])
+        .output_async()
+        .await?;
+    let text = String::from_utf8_lossy(&resolved.stdout);
+    assert!(
+        text.contains(&remote.ipv4().to_string()),
+        "{text}: {}",
+        dns.output()
+    );
+    assert!(text.contains(&remote.ipv6().to_string()), "{text}");
+    // Nothing else resolves: no upstream servers, no /etc/hosts.
+    let unknown = pod
+        .netns()
+        .exec("getent")
+        .args(["hosts", "elsewhere.example.test"])
+        .output_async()
+        .await?;
+    assert!(!unknown.status.success(), "{unknown:?}");
+    let resolv = std::path::Path::new("/etc/netns")
+        .join(pod.netns().name())
+        .join("resolv.conf");
+    assert!(resolv.is_file());
+    drop(dns);
+    assert!(!resolv.exists(), "the resolver file outlived the fixture");
+    Ok(())
+}

@@ -293,6 +293,13 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The largest head the guard follows, for hyper's `max_header_size` of
+/// `max_header_bytes`: a little more, so the guard never loses track of a
+/// head hyper accepts (hyper answers 431 to larger ones itself).
+pub fn head_limit(max_header_bytes: u32) -> usize {
+    max_header_bytes as usize + 4096
+}
+
 /// The verdicts of one connection, shared by its [`GuardedIo`] and its
 /// request handler.
 #[derive(Debug, Clone)]

@@ -78,7 +78,8 @@ pub async fn serve<IO>(
     let settings = &engine.settings;
     match protocol {
         Protocol::Http1 => {
-            let (io, verdicts) = guard::GuardedIo::new(io, settings.max_header_bytes as usize);
+            let (io, verdicts) =
+                guard::GuardedIo::new(io, guard::head_limit(settings.max_header_bytes));
             let service = {
                 let (engine, info) = (engine.clone(), info.clone());
                 service_fn(move |request| {
@@ -94,6 +95,9 @@ pub async fn serve<IO>(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_timeout)
+                // The exact limit (431 beyond); max_buf_size alone is only
+                // checked between reads.
+                .max_header_size(settings.max_header_bytes as usize)
                 .max_buf_size(settings.max_header_bytes as usize)
                 .keep_alive(true);
             let conn = builder
