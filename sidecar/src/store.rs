@@ -71,6 +71,20 @@ pub struct Secret {
 }
 
 impl Secret {
+    /// A value usable for `for_` from now, as the store would hold it
+    /// (for tests of code that reads snapshots).
+    pub fn usable_for(value: &[u8], version: Option<u64>, for_: Duration) -> Arc<Self> {
+        let epoch = Instant::now();
+        let secret = Self {
+            forms: SecretForms::new(crate::secret::SecretValue::copy_from(value)),
+            revision: Revision::new(version, 0),
+            usable_until_ms: AtomicU64::new(0),
+            epoch,
+        };
+        secret.confirm(epoch, for_);
+        Arc::new(secret)
+    }
+
     pub fn forms(&self) -> &SecretForms {
         &self.forms
     }

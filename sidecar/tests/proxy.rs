@@ -1062,3 +1062,247 @@ async fn bad_input_leaves_the_sidecar_up_serving_others_and_bounded() -> TestRes
     assert_eq!(after.status, 200, "{after:?}");
     w.pod.assert_no_secret_leaked()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, network namespaces, iptables, dnsmasq and curl"]
+async fn cleartext_is_injected_only_where_allowed_and_a_placeholder_in_other_cleartext_is_blocked()
+-> TestResult {
+    const PLAIN_HOST: &str = "plain.bound.test";
+    let mut pod = Pod::new(&[PLAIN_HOST, UNBOUND_HOST]).await?;
+    let plain = pod.http_upstream(8080, Behaviour::default())?;
+    let other = pod.http_upstream(8081, Behaviour::default())?;
+    let secret = secret_value("plain");
+    pod.write_secret("secret/plain", "token", &secret)?;
+    let ph = placeholder("pt-");
+    pod.write_bindings(&json!({"formatVersion": 1, "bindings": [{
+        "id": "plain",
+        "secret": {"mount": "secret", "path": "plain", "key": "token"},
+        "destinations": [{"host": PLAIN_HOST, "port": 8080, "allowCleartext": true}],
+    }]}))?;
+    pod.write_placeholders(&json!({"plain": ph}))?;
+    pod.start(&[]).await?;
+
+    let ok = pod
+        .curl(&[
+            "-H",
+            &format!("x-token: {ph}"),
+            &format!("http://{PLAIN_HOST}:8080/p"),
+        ])
+        .await?;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let got = plain.wait_for_requests(1, Duration::from_secs(5)).await?;
+    assert_eq!(got[0].header("x-token"), Some(secret.as_str()));
+
+    // Cleartext HTTP to an unbound host: forwarded where the agent was
+    // going, without a placeholder; with one, blocked.
+    let far = pod.far_ip(IpFamily::V4);
+    let plain_url = format!("http://{far}:8081/q");
+    let fine = pod.curl(&[&plain_url]).await?;
+    assert_eq!(fine.status, 200, "{fine:?}");
+    let blocked = pod
+        .curl(&["-H", &format!("x-token: {ph}"), &plain_url])
+        .await?;
+    assert_eq!(blocked.status, 403, "{blocked:?}");
+    assert_eq!(
+        other.request_count(),
+        1,
+        "the placeholder reached an unbound host"
+    );
+
+    // A cleartext stream that is not HTTP: cut off at the placeholder.
+    let listener = pod.far().bind_tcp(SocketAddr::new(
+        std::net::Ipv6Addr::UNSPECIFIED.into(),
+        2626,
+    ))?;
+    let received = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        if let Ok((mut s, _)) = listener.accept() {
+            use std::io::Read;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let _ = s.read_to_end(&mut got);
+        }
+        got
+    });
+    let sent = pod
+        .netns()
+        .exec("/usr/bin/python3")
+        .user(AGENT)
+        .args([
+            "-c",
+            "import socket,sys,time\ns=socket.create_connection((sys.argv[1],2626),5)\ns.sendall(b'HELO x\\r\\n')\ntime.sleep(0.3)\ns.sendall(b'AUTH '+sys.argv[2].encode()+b'\\r\\n')\ntime.sleep(1)",
+            &far.to_string(),
+            &ph,
+        ])
+        .output_async()
+        .await?;
+    assert!(sent.status.success(), "{sent:?}");
+    let got = String::from_utf8_lossy(&received.join().unwrap()).into_owned();
+    assert!(got.starts_with("HELO x"), "{got:?}");
+    assert!(
+        !got.contains(&ph),
+        "the placeholder left in cleartext: {got:?}"
+    );
+    pod.wait_audit(|r| {
+        r["decision"] == "exfiltration_blocked" && r["destination"] == format!("{far}:2626")
+    })
+    .await?;
+    pod.assert_no_secret_leaked()
+}
+
+/// A TLS server that accepts one WebSocket-style upgrade: it records the
+/// request head, answers 101, then echoes every byte it gets.
+async fn websocket_upstream(
+    pod: &Pod,
+    port: u16,
+    name: &str,
+) -> TestResult<(String, tokio::task::JoinHandle<String>)> {
+    let ca = credbroker_test_support::pki::TestCa::new("websocket upstream CA")?;
+    let leaf = ca.issue_server(&[name])?;
+    let config = rustls::ServerConfig::builder_with_provider(credbroker_sidecar::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.cert_der],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key_der.into()),
+        )?;
+    let listener = pod.far().bind_tcp(SocketAddr::new(
+        std::net::Ipv6Addr::UNSPECIFIED.into(),
+        port,
+    ))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        tls.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    Ok((ca.cert_pem().to_owned(), task))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, network namespaces, iptables, dnsmasq and curl"]
+async fn a_websocket_upgrade_gets_the_secret_in_its_handshake_and_frames_pass_untouched()
+-> TestResult {
+    const WS_HOST: &str = "ws.bound.test";
+    let mut pod = Pod::new(&[WS_HOST]).await?;
+    let (ca_pem, upstream) = websocket_upstream(&pod, 7443, WS_HOST).await?;
+    let secret = secret_value("ws");
+    pod.write_secret("secret/ws", "token", &secret)?;
+    let ph = placeholder("ws-");
+    pod.write_bindings(&json!({"formatVersion": 1, "bindings": [{
+        "id": "ws",
+        "secret": {"mount": "secret", "path": "ws", "key": "token"},
+        "destinations": [{"host": WS_HOST, "port": 7443, "extraCaPem": ca_pem}],
+    }]}))?;
+    pod.write_placeholders(&json!({"ws": ph}))?;
+    pod.start(&[]).await?;
+    let to = SocketAddr::new(pod.far_ip(IpFamily::V4), 7443);
+    let mut tls = tls_from_pod(&pod, to, WS_HOST, &[b"http/1.1"]).await?;
+    let request = format!(
+        "GET /socket HTTP/1.1\r\nHost: {WS_HOST}:7443\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {ph}\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut byte).await?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Frames (here: raw bytes) pass untouched both ways, placeholder and all.
+    let frame = format!("\u{81}frame with {ph}");
+    tls.write_all(frame.as_bytes()).await?;
+    let mut back = vec![0u8; frame.len()];
+    tls.read_exact(&mut back).await?;
+    assert_eq!(back, frame.as_bytes());
+    drop(tls);
+    let seen = tokio::time::timeout(Duration::from_secs(10), upstream).await??;
+    assert!(
+        seen.contains(&format!("authorization: Bearer {secret}")),
+        "{seen}"
+    );
+    assert!(
+        seen.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{seen}"
+    );
+    pod.assert_no_secret_leaked()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, network namespaces, iptables, dnsmasq and curl"]
+async fn sigterm_drains_open_requests_and_the_process_is_hardened() -> TestResult {
+    let mut w = World::new().await?;
+    w.start(&[]).await?;
+    let pid = w.pod.sidecar().pid();
+    // PR_SET_DUMPABLE=0: the kernel hands the process's /proc files to root,
+    // so another process of the proxy UID cannot read its memory or environ.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(format!("/proc/{pid}/environ"))?;
+    assert_eq!(
+        meta.uid(),
+        0,
+        "/proc/{pid}/environ belongs to uid {}",
+        meta.uid()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(
+        core.split_whitespace().skip(4).take(2).all(|v| v == "0"),
+        "{core}"
+    );
+
+    // A streaming response in flight when SIGTERM arrives completes.
+    let tls = tls_from_pod(&w.pod, w.far(ALPHA_PORT), ALPHA_HOST, &[b"h2"]).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get(alpha_url("/v1/stream"))
+        .header("authorization", format!("Bearer {}", w.alpha_ph))
+        .body(Empty::<Bytes>::new())?;
+    let mut body = sender.send_request(request).await?.into_body();
+    let first = body.frame().await.unwrap()?.into_data().unwrap();
+    assert_eq!(first, "data: one\n\n");
+    w.pod.sidecar().signal(nix::sys::signal::Signal::SIGTERM)?;
+    let rest = body.collect().await?.to_bytes();
+    assert_eq!(
+        rest, "data: two\n\ndata: three\n\n",
+        "the in-flight response was cut"
+    );
+    let pod = &w.pod;
+    eventually("the sidecar exits after draining", || {
+        pod.sidecar().check_running().is_err()
+    })
+    .await?;
+    assert!(
+        w.pod
+            .output()
+            .contains("shutting down: draining open connections")
+    );
+    w.pod.assert_no_secret_leaked()
+}

@@ -1,1 +1,638 @@
-//! Table tests of the request plan.
+//! Table tests of the request plan: one request head, one connection, one
+//! snapshot in; a plan or a refusal out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use credbroker_crds::config::{PodPlaceholders, SidecarBindings};
+use http::Request;
+
+use super::*;
+use crate::echo::EchoDetector;
+use crate::engine::Slot;
+use crate::metrics::BindingLabel;
+use crate::store::{Secret, SecretState};
+use crate::substitute::PlaceholderSet;
+use crate::tls::UpstreamTls;
+use crate::upstream::{DestinationTrust, UpstreamSettings, Upstreams};
+
+const ALPHA: &str = "sk-alpha0123456789abcdefghijkl";
+const BETA: &str = "sk-beta00123456789abcdefghijkl";
+const PLAIN: &str = "sk-plain0123456789abcdefghijkl";
+const ALPHA_SECRET: &str = "alpha-secret-value&x=1";
+
+fn bindings() -> SidecarBindings {
+    SidecarBindings::from_json(
+        r#"{"formatVersion":1,"bindings":[
+        {"id":"alpha","secret":{"mount":"s","path":"alpha","key":"k"},
+         "destinations":[{"host":"api.alpha.test","methods":["GET","POST"],"paths":["/v1/*"]}],
+         "surfaces":["header","basicAuth","query","body"]},
+        {"id":"beta","secret":{"mount":"s","path":"beta","key":"k"},
+         "destinations":[{"host":"*.beta.test","port":8443}]},
+        {"id":"plain","secret":{"mount":"s","path":"plain","key":"k"},
+         "destinations":[{"host":"plain.test","port":80,"allowCleartext":true}]}
+        ]}"#,
+    )
+    .unwrap()
+}
+
+fn snapshot_with(states: [SecretState; 3]) -> Snapshot {
+    let bindings = bindings().bindings;
+    let placeholders = PodPlaceholders(
+        [("alpha", ALPHA), ("beta", BETA), ("plain", PLAIN)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    );
+    let set = PlaceholderSet::from_config(&bindings, &placeholders).unwrap();
+    let ca = {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::PodCa::load_or_generate(dir.path())
+            .unwrap()
+            .cert_der()
+            .clone()
+    };
+    let tls = Arc::new(UpstreamTls::new(&[ca], &[]).unwrap());
+    let settings = UpstreamSettings {
+        connect_timeout: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(1),
+        max_header_bytes: 65536,
+    };
+    Snapshot {
+        labels: bindings
+            .iter()
+            .map(|b| BindingLabel(Arc::from(b.id.as_str())))
+            .collect(),
+        bindings,
+        placeholders: Arc::new(set),
+        secrets: states.into_iter().map(Slot::State).collect(),
+        echo: Arc::new(EchoDetector::empty()),
+        upstreams: Arc::new(Upstreams::new(tls, DestinationTrust::default(), settings)),
+    }
+}
+
+fn ready(value: &str) -> SecretState {
+    SecretState::Ready(Secret::usable_for(
+        value.as_bytes(),
+        Some(1),
+        Duration::from_secs(60),
+    ))
+}
+
+fn snapshot() -> Snapshot {
+    snapshot_with([
+        ready(ALPHA_SECRET),
+        ready("beta-secret-value"),
+        ready("plain-secret-value"),
+    ])
+}
+
+fn tls(sni: &'static str, port: u16) -> Conn<'static> {
+    Conn {
+        sni: Some(sni),
+        port,
+        original: None,
+        tunnel_host: None,
+        proxy_form: false,
+        egress: EgressMode::Passthrough,
+    }
+}
+
+fn cleartext(port: u16) -> Conn<'static> {
+    Conn {
+        sni: None,
+        port,
+        original: Some(SocketAddr::from(([10, 1, 2, 3], port))),
+        tunnel_host: None,
+        proxy_form: false,
+        egress: EgressMode::Passthrough,
+    }
+}
+
+fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+    let mut builder = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(()).unwrap().into_parts().0
+}
+
+fn run(mut parts: Parts, body_empty: bool, conn: Conn<'_>) -> (Result<Plan, Refusal>, Parts) {
+    let result = plan(&mut parts, body_empty, &conn, &snapshot());
+    (result, parts)
+}
+
+fn refused(result: Result<Plan, Refusal>) -> Refusal {
+    match result {
+        Ok(plan) => panic!("forwarded: {plan:?}"),
+        Err(r) => r,
+    }
+}
+
+fn planned(result: Result<Plan, Refusal>) -> Plan {
+    match result {
+        Ok(plan) => plan,
+        Err(r) => panic!("refused: {r:?}"),
+    }
+}
+
+#[test]
+fn a_header_placeholder_toward_its_host_is_swapped_and_marked_sensitive() {
+    let parts = head(
+        "POST",
+        "/v1/chat",
+        &[
+            ("host", "api.alpha.test"),
+            ("authorization", &format!("Bearer {ALPHA}")),
+        ],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    let plan = planned(result);
+    assert_eq!(plan.injected.iter().collect::<Vec<_>>(), vec![0]);
+    assert!(plan.bound);
+    assert_eq!(
+        plan.route,
+        Route::Named {
+            tls: true,
+            host: "api.alpha.test".into(),
+            port: 443
+        }
+    );
+    assert_eq!(plan.destination, "api.alpha.test:443");
+    let auth = parts.headers.get("authorization").unwrap();
+    assert_eq!(auth.as_bytes(), format!("Bearer {ALPHA_SECRET}").as_bytes());
+    assert!(auth.is_sensitive());
+    assert_eq!(parts.headers.get("accept-encoding").unwrap(), "identity");
+    assert_eq!(plan.body, BodyPlan::Untouched);
+}
+
+#[test]
+fn the_query_gets_the_percent_encoded_value_and_basic_auth_the_password() {
+    let parts = head(
+        "GET",
+        &format!("/v1/q?key={ALPHA}&b=2"),
+        &[("host", "api.alpha.test")],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    planned(result);
+    assert_eq!(
+        parts.uri.query(),
+        Some("key=alpha-secret-value%26x%3D1&b=2")
+    );
+    assert_eq!(parts.uri.path(), "/v1/q");
+
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let creds = b64.encode(format!("bob:{ALPHA}"));
+    let parts = head(
+        "GET",
+        "/v1/basic",
+        &[
+            ("host", "api.alpha.test"),
+            ("authorization", &format!("Basic {creds}")),
+        ],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    planned(result);
+    let sent = parts
+        .headers
+        .get("authorization")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let decoded = b64.decode(sent.strip_prefix("Basic ").unwrap()).unwrap();
+    assert_eq!(decoded, format!("bob:{ALPHA_SECRET}").as_bytes());
+}
+
+#[test]
+fn refusals_name_the_reason() {
+    let bearer = |p: &str| format!("Bearer {p}");
+    let cases: Vec<(Parts, bool, Conn<'_>, StatusCode, &str, &str)> = vec![
+        (
+            head("GET", "/v1/x", &[("host", "evil.test")]),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            "",
+        ),
+        (
+            head("GET", "/v1/x", &[("host", "api.alpha.test:8443")]),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            "",
+        ),
+        (
+            head(
+                "GET",
+                "https://other.test/v1/x",
+                &[("host", "api.alpha.test")],
+            ),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            "Host",
+        ),
+        (
+            head(
+                "GET",
+                "/v1/x",
+                &[("host", "api.alpha.test"), ("host", "api.alpha.test")],
+            ),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "duplicate Host",
+        ),
+        (
+            head(
+                "GET",
+                "/x",
+                &[
+                    ("host", "a.beta.test:8443"),
+                    ("authorization", &bearer(ALPHA)),
+                ],
+            ),
+            true,
+            tls("a.beta.test", 8443),
+            StatusCode::FORBIDDEN,
+            "exfiltration_blocked",
+            "destination_not_bound",
+        ),
+        (
+            head(
+                "DELETE",
+                "/v1/x",
+                &[
+                    ("host", "api.alpha.test"),
+                    ("authorization", &bearer(ALPHA)),
+                ],
+            ),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::FORBIDDEN,
+            "exfiltration_blocked",
+            "method_not_allowed",
+        ),
+        (
+            head(
+                "GET",
+                &format!("/v1/{ALPHA}"),
+                &[("host", "api.alpha.test")],
+            ),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::FORBIDDEN,
+            "exfiltration_blocked",
+            "placeholder_in_path",
+        ),
+        (
+            head("GET", "/v1/x", &[("host", "api.alpha.test"), (ALPHA, "1")]),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::FORBIDDEN,
+            "exfiltration_blocked",
+            "placeholder_in_header_name",
+        ),
+        (
+            head(
+                "GET",
+                &format!("/x?k={BETA}"),
+                &[("host", "a.beta.test:8443")],
+            ),
+            true,
+            tls("a.beta.test", 8443),
+            StatusCode::FORBIDDEN,
+            "exfiltration_blocked",
+            "surface_not_allowed: query",
+        ),
+        (
+            head(
+                "CONNECT",
+                "elsewhere.test:443",
+                &[("host", "elsewhere.test:443")],
+            ),
+            true,
+            tls("api.alpha.test", 443),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "bad_request",
+            "CONNECT",
+        ),
+        (
+            head(
+                "POST",
+                "/v1/x",
+                &[("host", "api.alpha.test"), ("content-encoding", "gzip")],
+            ),
+            false,
+            tls("api.alpha.test", 443),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported",
+            "compressed",
+        ),
+    ];
+    for (parts, body_empty, conn, status, decision, reason) in cases {
+        let what = format!("{} {}", parts.method, parts.uri);
+        let r = refused(run(parts, body_empty, conn).0);
+        assert_eq!((r.status, r.decision), (status, decision), "{what}: {r:?}");
+        assert!(r.reason.contains(reason), "{what}: {}", r.reason);
+    }
+}
+
+#[test]
+fn an_unusable_secret_is_503_never_forwarded_without_it() {
+    let failed = SecretState::Failed(Arc::new(crate::store::Failure {
+        step: "not_found",
+        message: "s/alpha: not found".into(),
+    }));
+    for (state, why) in [
+        (SecretState::Pending, "not been read"),
+        (failed, "s/alpha: not found"),
+        (
+            SecretState::Ready(Secret::usable_for(
+                b"stale-value-123",
+                Some(1),
+                Duration::ZERO,
+            )),
+            "staleness",
+        ),
+    ] {
+        let snap = snapshot_with([
+            state,
+            ready("beta-secret-value"),
+            ready("plain-secret-value"),
+        ]);
+        let mut parts = head(
+            "GET",
+            "/v1/x",
+            &[
+                ("host", "api.alpha.test"),
+                ("authorization", &format!("Bearer {ALPHA}")),
+            ],
+        );
+        let r = match plan(&mut parts, true, &tls("api.alpha.test", 443), &snap) {
+            Ok(p) => panic!("forwarded: {p:?}"),
+            Err(r) => r,
+        };
+        assert_eq!(
+            (r.status, r.decision, r.binding),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "secret_unavailable",
+                Some(0)
+            )
+        );
+        assert!(r.reason.contains(why), "{}", r.reason);
+        // Nothing of the refused request was rewritten.
+        assert_eq!(
+            parts.headers.get("authorization").unwrap().as_bytes(),
+            format!("Bearer {ALPHA}").as_bytes()
+        );
+    }
+}
+
+#[test]
+fn a_value_a_header_cannot_carry_is_refused() {
+    let snap = snapshot_with([
+        ready("bad\r\nX-Injected: 1"),
+        ready("beta-secret-value"),
+        ready("plain-secret-value"),
+    ]);
+    let mut parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test"),
+            ("authorization", &format!("Bearer {ALPHA}")),
+        ],
+    );
+    let r = match plan(&mut parts, true, &tls("api.alpha.test", 443), &snap) {
+        Ok(p) => panic!("forwarded: {p:?}"),
+        Err(r) => r,
+    };
+    assert_eq!(
+        (r.status, r.decision),
+        (StatusCode::SERVICE_UNAVAILABLE, "secret_unavailable")
+    );
+}
+
+#[test]
+fn bodies_get_the_form_of_their_content_type() {
+    for (content_type, form) in [
+        ("application/json", Form::Json),
+        ("application/vnd.api+json; charset=utf-8", Form::Json),
+        ("application/x-www-form-urlencoded", Form::Percent),
+        ("text/plain", Form::Raw),
+    ] {
+        let parts = head(
+            "POST",
+            "/v1/x",
+            &[("host", "api.alpha.test"), ("content-type", content_type)],
+        );
+        let plan = planned(run(parts, false, tls("api.alpha.test", 443)).0);
+        match plan.body {
+            BodyPlan::Replace { allowed, form: got } => {
+                assert_eq!(got, form, "{content_type}");
+                assert_eq!(allowed.iter().collect::<Vec<_>>(), vec![0]);
+            }
+            other => panic!("{content_type}: {other:?}"),
+        }
+    }
+    // No binding may be swapped on this body: scanned, never swapped.
+    let parts = head("POST", "/x", &[("host", "a.beta.test:8443")]);
+    assert_eq!(
+        planned(run(parts, false, tls("a.beta.test", 8443)).0).body,
+        BodyPlan::Detect
+    );
+    // A path alpha does not allow: its placeholder would be refused in the body.
+    let parts = head("POST", "/v2/x", &[("host", "api.alpha.test")]);
+    assert_eq!(
+        planned(run(parts, false, tls("api.alpha.test", 443)).0).body,
+        BodyPlan::Detect
+    );
+}
+
+#[test]
+fn cleartext_goes_where_the_agent_was_going_unless_bound_and_allowed() {
+    // Unbound: to the original destination, Host kept, no identity asked.
+    let parts = head(
+        "GET",
+        "/",
+        &[("host", "10.1.2.3:8080"), ("accept-encoding", "gzip")],
+    );
+    let (result, parts) = run(parts, true, cleartext(8080));
+    let plan = planned(result);
+    assert_eq!(
+        plan.route,
+        Route::Original(SocketAddr::from(([10, 1, 2, 3], 8080)))
+    );
+    assert!(!plan.bound);
+    assert_eq!(parts.headers.get("accept-encoding").unwrap(), "gzip");
+    // A placeholder there is blocked.
+    let parts = head("GET", "/", &[("host", "example.test"), ("x-key", PLAIN)]);
+    let r = refused(run(parts, true, cleartext(80)).0);
+    assert_eq!(
+        (r.decision, r.reason.as_str()),
+        ("exfiltration_blocked", "destination_not_bound")
+    );
+    // A binding without allowCleartext: blocked as cleartext.
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test:8080"),
+            ("authorization", &format!("Bearer {ALPHA}")),
+        ],
+    );
+    let mut conn = cleartext(8080);
+    conn.port = 443;
+    let r = refused(run(parts, true, conn).0);
+    assert_eq!(r.decision, "misdirected", "{r:?}");
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test"),
+            ("authorization", &format!("Bearer {ALPHA}")),
+        ],
+    );
+    let r = refused(run(parts, true, cleartext(443)).0);
+    assert_eq!(r.reason, "cleartext_not_allowed");
+    // With allowCleartext: swapped, and the sidecar dials the name itself.
+    let parts = head("GET", "/", &[("host", "plain.test"), ("x-key", PLAIN)]);
+    let (result, parts) = run(parts, true, cleartext(80));
+    let plan = planned(result);
+    assert_eq!(
+        plan.route,
+        Route::Named {
+            tls: false,
+            host: "plain.test".into(),
+            port: 80
+        }
+    );
+    assert_eq!(parts.headers.get("x-key").unwrap(), "plain-secret-value");
+    // Deny egress refuses the unbound request.
+    let mut conn = cleartext(8080);
+    conn.egress = EgressMode::Deny;
+    let r = refused(run(head("GET", "/", &[("host", "x.test:8080")]), true, conn).0);
+    assert_eq!(r.decision, "egress_denied");
+}
+
+#[test]
+fn hop_by_hop_headers_are_dropped_and_upgrades_kept() {
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("te", "gzip"),
+            ("expect", "100-continue"),
+            ("x-end-to-end", "kept"),
+        ],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    planned(result);
+    for gone in [
+        "connection",
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "expect",
+    ] {
+        assert!(parts.headers.get(gone).is_none(), "{gone} was forwarded");
+    }
+    assert_eq!(parts.headers.get("x-end-to-end").unwrap(), "kept");
+
+    let parts = head(
+        "GET",
+        "/v1/ws",
+        &[
+            ("host", "api.alpha.test"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    assert!(planned(result).upgrade);
+    assert_eq!(parts.headers.get("upgrade").unwrap(), "websocket");
+    assert_eq!(parts.headers.get("connection").unwrap(), "upgrade");
+    assert_eq!(parts.headers.get("te").unwrap(), "trailers");
+}
+
+#[test]
+fn the_local_proxy_takes_absolute_form_http_and_tunnels_keep_their_host() {
+    let local = Conn {
+        sni: None,
+        port: 0,
+        original: None,
+        tunnel_host: None,
+        proxy_form: true,
+        egress: EgressMode::Passthrough,
+    };
+    let r = refused(
+        run(
+            head("GET", "/", &[("host", "127.0.0.1:15080")]),
+            true,
+            local,
+        )
+        .0,
+    );
+    assert!(r.reason.contains("HTTPS_PROXY"), "{r:?}");
+    let r = refused(
+        run(
+            head("GET", "https://plain.test/", &[("host", "plain.test")]),
+            true,
+            local,
+        )
+        .0,
+    );
+    assert!(r.reason.contains("CONNECT"), "{r:?}");
+    let (result, parts) = run(
+        head(
+            "GET",
+            "http://plain.test/p",
+            &[("host", "plain.test"), ("x-key", PLAIN)],
+        ),
+        true,
+        local,
+    );
+    let plan = planned(result);
+    assert_eq!(
+        plan.route,
+        Route::Named {
+            tls: false,
+            host: "plain.test".into(),
+            port: 80
+        }
+    );
+    assert_eq!(parts.headers.get("x-key").unwrap(), "plain-secret-value");
+
+    let tunnel = Conn {
+        sni: Some("api.alpha.test"),
+        port: 443,
+        original: None,
+        tunnel_host: Some("api.alpha.test"),
+        proxy_form: false,
+        egress: EgressMode::Passthrough,
+    };
+    let r = refused(
+        run(
+            head("GET", "/v1/x", &[("host", "other.test")]),
+            true,
+            tunnel,
+        )
+        .0,
+    );
+    assert_eq!(r.decision, "misdirected");
+}
