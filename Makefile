@@ -6,8 +6,11 @@ CARGO ?= cargo
 # The environment the tests need (KUBEBUILDER_ASSETS, CREDBROKER_BAO), as
 # written by hack/setup.sh (its progress goes to stderr).
 TEST_ENV := target/credbroker-test.env
+# Seconds per fuzz target: a smoke run in `make test`, longer in `make fuzz`.
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SECONDS ?= 60
 
-.PHONY: test setup lint fmt crds build-tests demo
+.PHONY: test setup lint fmt crds build-tests demo fuzz
 
 ## test: install what the tests need, lint, build, then run every test,
 ## including the ones marked #[ignore = "needs ..."] that use real parts
@@ -17,7 +20,9 @@ test: setup lint build-tests
 	start=$$SECONDS; \
 	$(CARGO) test --workspace --all-targets --locked -- --include-ignored; \
 	$(CARGO) test --workspace --doc --locked; \
-	echo "make test: the tests took $$((SECONDS - start))s"
+	echo "make test: the tests took $$((SECONDS - start))s"; \
+	start=$$SECONDS; hack/fuzz.sh $(FUZZ_SMOKE_SECONDS); \
+	echo "make test: the fuzz smoke run took $$((SECONDS - start))s"
 
 ## setup: install Debian packages, OpenBao and the Kubernetes test binaries,
 ## and write $(TEST_ENV).
@@ -37,6 +42,10 @@ build-tests:
 
 fmt:
 	$(CARGO) fmt --all
+
+## fuzz: every fuzz target for FUZZ_SECONDS seconds each (cargo fuzz).
+fuzz:
+	hack/fuzz.sh $(FUZZ_SECONDS)
 
 ## crds: regenerate crds/generated/*.yaml from the Rust types.
 crds:

@@ -373,6 +373,21 @@ pub fn classify_cleartext(bytes: &[u8]) -> Sniff {
     }
 }
 
+/// A fuzz target: [`classify_cleartext`] never panics, and once it decides,
+/// longer input keeps the decision.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_classify_cleartext(data: &[u8]) {
+    let mut decided: Option<(usize, Sniff)> = None;
+    for end in 0..=data.len().min(MAX_REQUEST_LINE + 64) {
+        let verdict = classify_cleartext(&data[..end]);
+        match decided {
+            Some((at, first)) => assert_eq!(verdict, first, "decided at {at}, changed at {end}"),
+            None if verdict != Sniff::NeedMore => decided = Some((end, verdict)),
+            None => {}
+        }
+    }
+}
+
 /// Reads from `stream` into `bytes` until [`classify_cleartext`] decides
 /// (or `timeout` passes: then what was read decides).
 async fn sniff_cleartext<S: AsyncRead + Unpin>(
@@ -430,5 +445,12 @@ mod tests {
         }
         let long = [b"GET /".as_slice(), &[b'a'; MAX_REQUEST_LINE]].concat();
         assert_eq!(classify_cleartext(&long), Sniff::Other);
+        for data in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"PRI * HTTP/1.1\r\n",
+        ] {
+            fuzz_classify_cleartext(data);
+        }
     }
 }

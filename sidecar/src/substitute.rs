@@ -895,6 +895,7 @@ enum Step {
 /// - a swapped secret is always caught by the echo detector, one-shot and
 ///   streaming, and streaming agrees with one-shot; when nothing is caught
 ///   the stream's output is its input.
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn fuzz_data_plane(data: &[u8]) {
     use crate::echo::{EchoDetector, EchoStream};
 

@@ -392,6 +392,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
 /// A fuzz target: feeds `data` to a tracker in one piece and, split at
 /// every point chosen by its first byte, in two; the verdicts must agree,
 /// and nothing may panic.
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn fuzz_framing(data: &[u8]) {
     let Some((&split, data)) = data.split_first() else {
         return;

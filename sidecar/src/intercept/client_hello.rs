@@ -85,6 +85,7 @@ pub fn parse_client_hello(buf: &[u8]) -> Peek {
 /// hundred of them, spread evenly, for long inputs) and panics if a verdict is
 /// not final, i.e. a longer input changes a decision already made.
 /// `cargo fuzz` targets and the unit tests call this.
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn fuzz_client_hello(data: &[u8]) {
     let full = parse_client_hello(data);
     let step = (data.len() / 256).max(1);

@@ -176,6 +176,25 @@ impl<'de> Visitor<'de> for StringVisitor {
     }
 }
 
+/// A fuzz target: [`extract_key`] on arbitrary data never panics, and a
+/// `Malformed` error never carries a run of the input (which stands in for
+/// a secret) longer than 5 bytes.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_extract_key(data: &[u8]) {
+    let key = data
+        .first()
+        .map_or("k", |b| if b % 2 == 0 { "k" } else { "api_key" });
+    if let Err(KeyError::Malformed(why)) = extract_key(data, key) {
+        for window in data.windows(6) {
+            if let Ok(text) = std::str::from_utf8(window)
+                && text.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                assert!(!why.contains(text), "the error quotes the input: {why}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +238,18 @@ mod tests {
             value(r#"{"k":"a","k":"b"}"#, "k").unwrap_err(),
             KeyError::Repeated
         );
+    }
+
+    #[test]
+    fn the_fuzz_target_runs_on_examples() {
+        for data in [
+            &b"{\"k\":\"s3cr3tvalue\"}"[..],
+            b"{\"k\":s3cr3tvalue}",
+            b"\xff\xfe",
+            b"",
+        ] {
+            fuzz_extract_key(data);
+        }
     }
 
     #[test]
