@@ -94,18 +94,49 @@ pub fn host(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `label` is one DNS label as hosts use them: 1 to 63 letters,
+/// digits, `-` or `_`, not starting or ending with `-`.
+fn is_host_label(label: &[u8]) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+        && label[0] != b'-'
+        && label[label.len() - 1] != b'-'
+}
+
+/// Whether `host` is a DNS host name: labels of letters, digits, `-` and
+/// `_`, at most 253 characters, one trailing dot allowed. Not an IP address
+/// check (`10.0.0.1` passes); callers that must tell them apart parse the
+/// address first. Anything with `:`, `/`, `?`, `#`, `@`, `%`, spaces or
+/// other bytes is refused: such a "host" would be read differently by the
+/// next parser (a URI's authority ends at `/`), which is how a request could
+/// name one host here and be sent to another.
+pub fn is_dns_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.as_bytes().split(|b| *b == b'.').all(is_host_label)
+}
+
 /// Whether a destination pattern (exact, or `*.` plus a suffix) matches
-/// `host`: a wildcard matches exactly one more label. Case and a trailing
-/// dot on `host` are ignored. The one definition the controller (policy
-/// admission) and the sidecar (routing) share.
+/// `host`: a wildcard matches exactly one more label, which must be a DNS
+/// label. Case and a trailing dot on `host` are ignored. The one definition
+/// the controller (policy admission) and the sidecar (routing) share.
+/// Allocation-free: it runs for every destination on every request.
 pub fn host_matches(pattern: &str, host: &str) -> bool {
-    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(host).as_bytes();
     match pattern.strip_prefix("*.") {
-        Some(suffix) => host
-            .strip_suffix(&suffix.to_ascii_lowercase())
-            .and_then(|label| label.strip_suffix('.'))
-            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
-        None => host == pattern.to_ascii_lowercase(),
+        Some(suffix) => {
+            let suffix = suffix.as_bytes();
+            // host = label "." suffix
+            host.len() > suffix.len() + 1
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                && host[host.len() - suffix.len() - 1] == b'.'
+                && is_host_label(&host[..host.len() - suffix.len() - 1])
+        }
+        None => host.eq_ignore_ascii_case(pattern.as_bytes()),
     }
 }
 
@@ -541,6 +572,53 @@ mod tests {
         assert!(!host_matches("*.anthropic.com", ".anthropic.com"));
         assert!(host_matches("api.openai.com", "API.openai.com."));
         assert!(!host_matches("api.openai.com", "api.openai.com.evil"));
+        // The wildcard label must be a DNS label: a "host" that another
+        // parser reads as something else never matches (a URI authority ends
+        // at '/', '?', '#'; ':' starts a port; '@' ends userinfo).
+        for sneaky in [
+            "16909060:9999/x.anthropic.com",
+            "evil:x.anthropic.com",
+            "a?b.anthropic.com",
+            "a#b.anthropic.com",
+            "u@evil.anthropic.com",
+            "a b.anthropic.com",
+            "a%2fb.anthropic.com",
+            "-a.anthropic.com",
+        ] {
+            assert!(!host_matches("*.anthropic.com", sneaky), "{sneaky}");
+        }
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in [
+            "api.openai.com",
+            "API.example.com.",
+            "under_score.test",
+            "localhost",
+            "10.0.0.1",
+        ] {
+            assert!(is_dns_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "evil:x.bound.com",
+            "16909060:9999/x.bound.com",
+            "a/b",
+            "a?b",
+            "a#b",
+            "u@h",
+            "[::1]",
+            "a b",
+            "-a.com",
+            "a-.com",
+            "é.com",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_dns_name(bad), "{bad:?}");
+        }
         assert!(policy_host_admits("*.anthropic.com", "*.anthropic.com"));
         assert!(policy_host_admits("*.anthropic.com", "api.anthropic.com"));
         assert!(!policy_host_admits("*.anthropic.com", "*.b.anthropic.com"));

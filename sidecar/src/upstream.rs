@@ -55,6 +55,14 @@ impl std::fmt::Display for UpstreamError {
 impl std::error::Error for UpstreamError {}
 
 /// Resolves `host` (a DNS name or an IP literal) with the system resolver.
+///
+/// A name is looked up as an absolute name (with a trailing dot), never
+/// through the resolver's search domains: with Kubernetes' `ndots:5`,
+/// `api.example.com` would otherwise first be tried as
+/// `api.example.com.<namespace>.svc.cluster.local`, a name anyone who can
+/// create a Service there could answer. Anything that is neither a DNS name
+/// nor an IP literal is refused rather than handed to getaddrinfo (which
+/// reads `16909060` as 1.2.3.4).
 pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
     let literal = host
         .strip_prefix('[')
@@ -63,7 +71,26 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamE
     if let Ok(ip) = literal.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+    // A top-level label starts with a letter; what does not (`16909060`,
+    // `0x7f000001`, `1.2.3`) is an address in disguise to getaddrinfo.
+    let tld_starts_with_letter = host
+        .trim_end_matches('.')
+        .rsplit('.')
+        .next()
+        .and_then(|label| label.bytes().next())
+        .is_some_and(|b| b.is_ascii_alphabetic());
+    if !credbroker_crds::validate::is_dns_name(host) || !tld_starts_with_letter {
+        return Err(UpstreamError {
+            step: "dns",
+            message: format!("upstream {host:?}: not a host name"),
+        });
+    }
+    let absolute = if host.ends_with('.') {
+        host.to_owned()
+    } else {
+        format!("{host}.")
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((absolute.as_str(), port))
         .await
         .map_err(|e| UpstreamError {
             step: "dns",
@@ -376,6 +403,19 @@ mod tests {
         assert!(trust.for_host("api.example.com", 8443).is_none());
         assert_eq!(trust.for_host("api.other.com", 8443).unwrap(), "PEM-B");
         assert!(trust.for_host("plain.com", 443).is_none());
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_host_name_is_never_resolved() {
+        for bad in ["16909060", "0x01020304", "a/b", "evil:x", "1.2.3"] {
+            let e = resolve(bad, 80).await.unwrap_err();
+            assert_eq!(e.step, "dns", "{bad}");
+            assert!(
+                e.message.contains("not a host name"),
+                "{bad}: {}",
+                e.message
+            );
+        }
     }
 
     #[tokio::test]

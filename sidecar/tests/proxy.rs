@@ -1077,10 +1077,45 @@ async fn cleartext_is_injected_only_where_allowed_and_a_placeholder_in_other_cle
     pod.write_bindings(&json!({"formatVersion": 1, "bindings": [{
         "id": "plain",
         "secret": {"mount": "secret", "path": "plain", "key": "token"},
-        "destinations": [{"host": PLAIN_HOST, "port": 8080, "allowCleartext": true}],
+        "destinations": [
+            {"host": PLAIN_HOST, "port": 8080, "allowCleartext": true},
+            {"host": "*.wild.bound.test", "port": 8080, "allowCleartext": true},
+        ],
     }]}))?;
     pod.write_placeholders(&json!({"plain": ph}))?;
     pod.start(&[]).await?;
+
+    // A Host crafted to name a bound wildcard here and another address to
+    // the next parser (the far side's IPv4 as a decimal number, port 9999):
+    // refused, and the "attacker" never hears from the sidecar.
+    let attacker = pod.far().bind_tcp(SocketAddr::new(
+        std::net::Ipv6Addr::UNSPECIFIED.into(),
+        9999,
+    ))?;
+    attacker.set_nonblocking(true)?;
+    let far_v4 = match pod.far_ip(IpFamily::V4) {
+        std::net::IpAddr::V4(v4) => u32::from(v4),
+        std::net::IpAddr::V6(_) => unreachable!("the far side's IPv4"),
+    };
+    for host in [
+        format!("{far_v4}:9999/x.wild.bound.test:8080"),
+        format!("{far_v4}:9999?x.wild.bound.test:8080"),
+    ] {
+        let crafted = pod
+            .curl(&[
+                "-H",
+                &format!("Host: {host}"),
+                "-H",
+                &format!("x-token: {ph}"),
+                &format!("http://{}:8080/p", pod.far_ip(IpFamily::V4)),
+            ])
+            .await?;
+        assert_eq!(crafted.status, 400, "{host}: {crafted:?}");
+    }
+    assert!(
+        attacker.accept().is_err(),
+        "the sidecar connected to the address hidden in the Host"
+    );
 
     let ok = pod
         .curl(&[

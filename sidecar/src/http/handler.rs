@@ -287,30 +287,61 @@ async fn request_body(
     }
 }
 
-/// The URI the upstream is asked for.
+/// The URI the upstream is asked for, built from the decided host and port
+/// and checked to name exactly them: whatever parses this URI next (the
+/// pool, the connector) must dial the host that was decided on.
 fn upstream_uri(route: &Route, original: &Uri) -> Result<Uri, Refusal> {
-    let path_and_query = original
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    let text = match route {
-        Route::Named { tls, host, port } => {
-            let (scheme, default) = if *tls { ("https", 443) } else { ("http", 80) };
-            if *port == default {
-                format!("{scheme}://{host}{path_and_query}")
-            } else {
-                format!("{scheme}://{host}:{port}{path_and_query}")
-            }
-        }
-        Route::Original(addr) => format!("http://{addr}{path_and_query}"),
-    };
-    text.parse::<Uri>().map_err(|_| Refusal {
+    let refuse = || Refusal {
         status: StatusCode::BAD_REQUEST,
         decision: "bad_request",
         reason: "the request target cannot be forwarded".into(),
         binding: None,
         destination: String::new(),
-    })
+    };
+    let path_and_query = original
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let (scheme, host, port, default) = match route {
+        Route::Named {
+            tls: true,
+            host,
+            port,
+        } => ("https", host.clone(), *port, 443),
+        Route::Named {
+            tls: false,
+            host,
+            port,
+        } => ("http", host.clone(), *port, 80),
+        Route::Original(addr) => ("http", addr.ip().to_string(), addr.port(), 0),
+    };
+    // Only an IPv6 address is bracketed; a "host" with ':' in it is not one.
+    let bracketed = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(_)) => format!("[{host}]"),
+        Ok(_) => host.clone(),
+        Err(_) if credbroker_crds::validate::is_dns_name(&host) => host.clone(),
+        Err(_) => return Err(refuse()),
+    };
+    let text = if port == default {
+        bracketed
+    } else {
+        format!("{bracketed}:{port}")
+    };
+    let authority =
+        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(text)).map_err(|_| refuse())?;
+    let named = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if !named.eq_ignore_ascii_case(&host) || authority.port_u16().unwrap_or(default) != port {
+        return Err(refuse());
+    }
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| refuse())
 }
 
 /// The echo and encoding checks on a bound upstream's response head.
@@ -488,6 +519,60 @@ impl OnEnd for Finish {
         if let Some(mut record) = self.record.take() {
             record.reason = Some(why.to_owned());
             self.engine.audit.record(record);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_uri_names_exactly_the_decided_host_and_port() {
+        let original: Uri = "/v1/x?y=1".parse().unwrap();
+        for (route, want) in [
+            (
+                Route::Named {
+                    tls: true,
+                    host: "api.example.com".into(),
+                    port: 443,
+                },
+                "https://api.example.com/v1/x?y=1",
+            ),
+            (
+                Route::Named {
+                    tls: true,
+                    host: "api.example.com".into(),
+                    port: 8443,
+                },
+                "https://api.example.com:8443/v1/x?y=1",
+            ),
+            (
+                Route::Named {
+                    tls: false,
+                    host: "plain.test".into(),
+                    port: 80,
+                },
+                "http://plain.test/v1/x?y=1",
+            ),
+            (
+                Route::Original("[fd00::2]:8080".parse().unwrap()),
+                "http://[fd00::2]:8080/v1/x?y=1",
+            ),
+            (
+                Route::Original("10.0.0.5:80".parse().unwrap()),
+                "http://10.0.0.5:80/v1/x?y=1",
+            ),
+        ] {
+            assert_eq!(upstream_uri(&route, &original).unwrap().to_string(), want);
+        }
+        for host in ["evil:x.test", "16909060:9999/x.test", "a@b", "a/b"] {
+            let route = Route::Named {
+                tls: false,
+                host: host.into(),
+                port: 8080,
+            };
+            assert!(upstream_uri(&route, &original).is_err(), "{host}");
         }
     }
 }

@@ -345,6 +345,14 @@ fn target(parts: &Parts, conn: &Conn<'_>) -> Result<Target, Refusal> {
     };
     let (host, port) = split_authority(authority);
     let host = canonical(host);
+    // The host must be one the next parser reads the same way: a DNS name
+    // or an IP address. Anything else (":", "/", "?", "#" ...) would make
+    // the upstream URI name a different host than the one decided on.
+    if host.parse::<std::net::IpAddr>().is_err() && !credbroker_crds::validate::is_dns_name(&host) {
+        return Err(Refusal::bad_request(format!(
+            "the request names {authority:?}, which is not a host name or an IP address"
+        )));
+    }
     if let Some(tunnel) = conn.tunnel_host
         && host != canonical(tunnel)
     {

@@ -30,7 +30,8 @@ fn bindings() -> SidecarBindings {
         {"id":"beta","secret":{"mount":"s","path":"beta","key":"k"},
          "destinations":[{"host":"*.beta.test","port":8443}]},
         {"id":"plain","secret":{"mount":"s","path":"plain","key":"k"},
-         "destinations":[{"host":"plain.test","port":80,"allowCleartext":true}]}
+         "destinations":[{"host":"plain.test","port":80,"allowCleartext":true},
+                         {"host":"*.wild.test","port":8080,"allowCleartext":true}]}
         ]}"#,
     )
     .unwrap()
@@ -521,6 +522,41 @@ fn cleartext_goes_where_the_agent_was_going_unless_bound_and_allowed() {
     conn.egress = EgressMode::Deny;
     let r = refused(run(head("GET", "/", &[("host", "x.test:8080")]), true, conn).0);
     assert_eq!(r.decision, "egress_denied");
+}
+
+#[test]
+fn a_host_that_another_parser_would_read_differently_is_refused() {
+    // With a wildcard cleartext destination, the Host decides where the
+    // secret goes: it must be a plain DNS name, or a URI built from it
+    // could name another host (an authority ends at '/', '?', '#').
+    for host in [
+        "16909060:9999/x.wild.test:8080",
+        "evil:x.wild.test:8080",
+        "x?y.wild.test:8080",
+        "x#y.wild.test:8080",
+        "u@x.wild.test:8080",
+        "x%2fy.wild.test:8080",
+    ] {
+        let parts = head("GET", "/", &[("host", host), ("x-key", PLAIN)]);
+        let r = refused(run(parts, true, cleartext(8080)).0);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{host}: {r:?}");
+    }
+    let parts = head(
+        "GET",
+        "/",
+        &[("host", "a.wild.test:8080"), ("x-key", PLAIN)],
+    );
+    let (result, parts) = run(parts, true, cleartext(8080));
+    let plan = planned(result);
+    assert_eq!(
+        plan.route,
+        Route::Named {
+            tls: false,
+            host: "a.wild.test".into(),
+            port: 8080
+        }
+    );
+    assert_eq!(parts.headers.get("x-key").unwrap(), "plain-secret-value");
 }
 
 #[test]
