@@ -431,8 +431,13 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let e: BoxError = e.into();
-                    this.broken(&format!("the upstream's response broke off: {e}"));
-                    return Poll::Ready(Some(Err(e)));
+                    // Never the error's text: it can carry what the
+                    // upstream sent (an HTTP/2 GOAWAY's debug data).
+                    drop(e);
+                    this.broken("the upstream's response broke off");
+                    return Poll::Ready(Some(Err(Box::new(BodyError(
+                        "the upstream's response broke off".into(),
+                    )))));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
             };

@@ -150,6 +150,11 @@ pub async fn handle(
     let mut swapped = plan.injected.clone();
     swapped.union_with(&outcome.swapped());
     let upstream_status = response.status();
+    // hyper keeps an HTTP/1.1 reason phrase that is not the standard one and
+    // writes it back out to the agent: a line the echo checks never see.
+    response
+        .extensions_mut()
+        .remove::<hyper::ext::ReasonPhrase>();
     if matches!(upstream_status.as_u16(), 401 | 403) && !swapped.is_empty() {
         // The value may have been rotated: look now rather than at the
         // next poll.
@@ -402,19 +407,32 @@ fn echo_refusal(snapshot: &Snapshot, found: EchoFound, destination: &str, place:
 }
 
 /// hyper's client errors, without anything a body could have put there.
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+///
+/// Only fixed categories, never a library error's text: that text can carry
+/// what the upstream sent (an HTTP/2 GOAWAY's debug data is printed
+/// verbatim), and an upstream may send a secret back that way.
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> &'static str {
     if e.is_connect() {
-        "could not connect".into()
-    } else {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        message
+        return "could not connect";
     }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return if h.is_timeout() {
+                "timed out"
+            } else if h.is_incomplete_message() {
+                "the connection closed before the response was complete"
+            } else if h.is_parse() || h.is_parse_status() {
+                "the response was malformed"
+            } else if h.is_canceled() || h.is_closed() {
+                "the connection was closed"
+            } else {
+                "the exchange failed (the upstream broke or reset it)"
+            };
+        }
+        source = s.source();
+    }
+    "the exchange failed"
 }
 
 /// Answers a refusal: a JSON body naming the decision, the reason and the
@@ -427,6 +445,21 @@ fn refuse(
     path: &str,
     start: Instant,
 ) -> Response<RespBody> {
+    // A backstop: a reason is built from our own words, hosts and paths, but
+    // nothing that holds a secret may reach the agent, a log or the audit.
+    let withheld;
+    let refusal = if snapshot.echo.check(refusal.reason.as_bytes()).is_err()
+        || snapshot.echo.check(refusal.destination.as_bytes()).is_err()
+    {
+        withheld = Refusal {
+            reason: "(withheld: it held a secret)".into(),
+            destination: "(withheld)".into(),
+            ..refusal.clone()
+        };
+        &withheld
+    } else {
+        refusal
+    };
     let binding_id = refusal
         .binding
         .and_then(|b| snapshot.bindings.get(b))
