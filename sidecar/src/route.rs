@@ -22,7 +22,7 @@ use crate::config::EgressMode;
 use crate::engine::Engine;
 use crate::http::{ConnInfo, Protocol};
 use crate::intercept::{PeekVerdict, Peeked, Replay};
-use crate::splice::{SpliceEnd, splice};
+use crate::splice::{Checks, SpliceEnd, splice};
 use crate::tls::leaf::normalize_sni;
 use crate::upstream::{dial, resolve};
 
@@ -267,8 +267,18 @@ async fn passthrough<S>(
     };
     engine.metrics.connection("passthrough");
     let snapshot = engine.snapshot();
-    let set = scan.then(|| snapshot.placeholders.clone());
-    let end = splice(stream, upstream, &prefix, engine.settings.idle_timeout, set).await;
+    let checks = Checks {
+        scan: scan.then(|| snapshot.placeholders.clone()),
+        echo: None,
+    };
+    let end = splice(
+        stream,
+        upstream,
+        &prefix,
+        engine.settings.idle_timeout,
+        checks,
+    )
+    .await;
     if let SpliceEnd::Placeholder { binding } = end {
         let id = snapshot
             .bindings

@@ -1219,18 +1219,31 @@ async fn websocket_upstream(
         tls.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
             .await
             .unwrap();
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: Bearer "))
+            .unwrap_or("")
+            .trim()
+            .to_owned();
         let mut buf = [0u8; 1024];
         loop {
             match tls.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tls.write_all(&buf[..n]).await.is_err() {
+                    // On request, a server frame that carries the key back.
+                    let reply = if buf[..n].ends_with(b"echo-the-key") {
+                        format!("\u{81}you sent {key}").into_bytes()
+                    } else {
+                        buf[..n].to_vec()
+                    };
+                    if tls.write_all(&reply).await.is_err() {
                         break;
                     }
                 }
             }
         }
-        String::from_utf8_lossy(&head).into_owned()
+        head
     });
     Ok((ca.cert_pem().to_owned(), task))
 }
@@ -1273,6 +1286,18 @@ async fn a_websocket_upgrade_gets_the_secret_in_its_handshake_and_frames_pass_un
     let mut back = vec![0u8; frame.len()];
     tls.read_exact(&mut back).await?;
     assert_eq!(back, frame.as_bytes());
+    // A server frame carrying the secret closes the tunnel before it
+    // reaches the agent.
+    tls.write_all(b"\x81echo-the-key").await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(
+        !String::from_utf8_lossy(&rest).contains(&secret),
+        "the echoed secret reached the agent"
+    );
+    pod.agent_saw.push_str(&String::from_utf8_lossy(&rest));
+    pod.wait_audit(|r| r["decision"] == "echo_blocked" && r["path"] == "/socket")
+        .await?;
     drop(tls);
     let seen = tokio::time::timeout(Duration::from_secs(10), upstream).await??;
     assert!(

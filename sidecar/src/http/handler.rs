@@ -165,6 +165,19 @@ pub async fn handle(
         }
     }
 
+    if !swapped.is_empty() && upstream_status == StatusCode::PARTIAL_CONTENT {
+        // Range was dropped from the request; slices of a response that
+        // carries a secret back could each be shorter than an echo needle.
+        let refusal = refusal_at(
+            StatusCode::BAD_GATEWAY,
+            "not_inspectable",
+            format!(
+                "upstream {} answered a request that carried a secret with a partial response (206)",
+                plan.destination
+            ),
+        );
+        return refuse(&engine, &snapshot, &refusal, &method, &path, start);
+    }
     if plan.bound
         && let Err(refusal) = inspect_response_head(&snapshot, &response, &plan)
     {
@@ -174,11 +187,37 @@ pub async fn handle(
     strip_hop_by_hop(response.headers_mut(), upgrade);
     if upgrade && let Some(agent_side) = agent_upgrade {
         let upstream_side = hyper::upgrade::on(&mut response);
-        tokio::spawn(crate::splice::tunnel_upgrades(
-            agent_side,
-            upstream_side,
-            engine.settings.idle_timeout,
-        ));
+        let echo = plan.bound.then(|| snapshot.echo.clone());
+        let (engine, snapshot, destination) =
+            (engine.clone(), snapshot.clone(), plan.destination.clone());
+        let (method, path) = (method.clone(), path.clone());
+        tokio::spawn(async move {
+            let end = crate::splice::tunnel_upgrades(
+                agent_side,
+                upstream_side,
+                engine.settings.idle_timeout,
+                echo,
+            )
+            .await;
+            if let crate::splice::SpliceEnd::Echo(found) = end {
+                let id = snapshot
+                    .echo
+                    .binding_id(found.binding)
+                    .unwrap_or("?")
+                    .to_owned();
+                engine
+                    .metrics
+                    .blocked(&BindingLabel(Arc::from(id.as_str())), "echo_blocked");
+                let mut record = AuditRecord::new(destination, &method, &path);
+                record.decision = "echo_blocked";
+                record.reason = Some(format!(
+                    "the secret of binding {id} came back in a WebSocket frame ({}); the tunnel was closed",
+                    found.encoding
+                ));
+                record.bindings = vec![Arc::from(id.as_str())];
+                engine.audit.record(record);
+            }
+        });
     }
 
     let decision = if swapped.is_empty() {
@@ -367,11 +406,18 @@ fn inspect_response_head(
             "in the response headers",
         ));
     }
-    let compressed = response
-        .headers()
+    let headers = response.headers();
+    let compressed = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
-        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        // hyper decodes only the chunked transfer coding; any other (gzip,
+        // chunked) would reach the echo checks still compressed.
+        || headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+            v.to_str().map_or(true, |s| {
+                s.split(',').any(|c| !c.trim().eq_ignore_ascii_case("chunked"))
+            })
+        });
     if compressed {
         return Err(Refusal {
             status: StatusCode::BAD_GATEWAY,

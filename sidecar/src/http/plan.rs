@@ -219,10 +219,36 @@ pub fn plan(
     }
     let injected: BindingSet = inject.iter().copied().collect();
     if !injected.is_empty() {
+        let limited = injected
+            .iter()
+            .filter_map(|b| snapshot.bindings.get(b))
+            .any(|b| {
+                b.destinations
+                    .iter()
+                    .any(|d| !d.methods.is_empty() || !d.paths.is_empty())
+            });
+        if limited
+            && let Some(name) = OVERRIDE_HEADERS
+                .iter()
+                .find(|h| parts.headers.contains_key(**h))
+        {
+            return Err(refuse(Refusal::blocked(
+                inject[0],
+                format!("override_header_not_allowed: {name}"),
+            )));
+        }
         swap_head(parts, snapshot, &injected, &seen).map_err(refuse)?;
+        // A response in slices shorter than the echo checks' needles would
+        // carry a reflected secret back a few bytes at a time.
+        parts.headers.remove(header::RANGE);
+        parts.headers.remove(header::IF_RANGE);
     }
 
     let upgrade = is_websocket_upgrade(parts);
+    if upgrade {
+        // No permessage-deflate: compressed frames would hide an echo.
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
     if bound {
@@ -415,6 +441,17 @@ fn scan(parts: &Parts, snapshot: &Snapshot) -> Result<Vec<SeenOn>, Refusal> {
     for (name, value) in &parts.headers {
         found.clear();
         set.find_into(value.as_bytes(), &mut found);
+        if let Some(b) = found.iter().next()
+            && is_reflected_header(name)
+        {
+            // Servers commonly store these and send them back (listings,
+            // CORS, object metadata), in forms the echo checks may not see:
+            // a credential never belongs in them.
+            return Err(Refusal::blocked(
+                b,
+                format!("placeholder_in_reflected_header: {name}"),
+            ));
+        }
         for b in found.iter() {
             if let Some(s) = seen.get_mut(b) {
                 s.header = true;
@@ -437,6 +474,59 @@ fn scan(parts: &Parts, snapshot: &Snapshot) -> Result<Vec<SeenOn>, Refusal> {
     }
     Ok(seen)
 }
+
+/// Headers that name or describe content, or are copied along by
+/// intermediaries, which servers commonly echo or store: never a place for
+/// a credential.
+fn is_reflected_header(name: &HeaderName) -> bool {
+    const EXACT: [&str; 24] = [
+        "user-agent",
+        "referer",
+        "origin",
+        "host",
+        "content-type",
+        "content-disposition",
+        "content-language",
+        "content-location",
+        "accept",
+        "accept-language",
+        "accept-charset",
+        "accept-encoding",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "if-range",
+        "range",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "via",
+        "location",
+    ];
+    const PREFIXES: [&str; 5] = [
+        "x-amz-meta-",
+        "x-goog-meta-",
+        "x-ms-meta-",
+        "x-object-meta-",
+        "x-container-meta-",
+    ];
+    let name = name.as_str();
+    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Headers that ask the upstream to act as if the method or the path were
+/// another one (honoured by Google APIs, IIS, Symfony and many frameworks):
+/// on a request carrying a secret toward a destination that limits methods
+/// or paths, they would walk around the limit.
+const OVERRIDE_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
 
 /// Swaps the placeholders of `injected` in header values, basic-auth
 /// credentials and the query; every swapped header is marked sensitive.

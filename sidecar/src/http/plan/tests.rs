@@ -560,6 +560,74 @@ fn a_host_that_another_parser_would_read_differently_is_refused() {
 }
 
 #[test]
+fn override_and_reflected_headers_and_ranges_are_handled() {
+    let auth = format!("Bearer {ALPHA}");
+    // alpha limits methods and paths: an override would walk around them.
+    for h in ["x-http-method-override", "X-Original-URL"] {
+        let parts = head(
+            "POST",
+            "/v1/x",
+            &[
+                ("host", "api.alpha.test"),
+                ("authorization", &auth),
+                (h, "DELETE"),
+            ],
+        );
+        let r = refused(run(parts, true, tls("api.alpha.test", 443)).0);
+        assert!(
+            r.reason.starts_with("override_header_not_allowed"),
+            "{h}: {r:?}"
+        );
+    }
+    // beta limits nothing: nothing to walk around.
+    let beta = format!("Bearer {BETA}");
+    let parts = head(
+        "POST",
+        "/x",
+        &[
+            ("host", "a.beta.test:8443"),
+            ("authorization", &beta),
+            ("x-http-method-override", "PUT"),
+        ],
+    );
+    planned(run(parts, true, tls("a.beta.test", 8443)).0);
+    // Placeholders never go in headers that servers echo or store.
+    for h in ["user-agent", "referer", "x-amz-meta-note"] {
+        let parts = head("GET", "/v1/x", &[("host", "api.alpha.test"), (h, ALPHA)]);
+        let r = refused(run(parts, true, tls("api.alpha.test", 443)).0);
+        assert!(
+            r.reason.starts_with("placeholder_in_reflected_header"),
+            "{h}: {r:?}"
+        );
+    }
+    // A request that carries a secret asks for the whole response.
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test"),
+            ("authorization", &auth),
+            ("range", "bytes=0-3"),
+            ("if-range", "x"),
+        ],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    planned(result);
+    assert!(parts.headers.get("range").is_none() && parts.headers.get("if-range").is_none());
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[("host", "api.alpha.test"), ("range", "bytes=0-3")],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    planned(result);
+    assert!(
+        parts.headers.get("range").is_some(),
+        "a request without a secret keeps its range"
+    );
+}
+
+#[test]
 fn hop_by_hop_headers_are_dropped_and_upgrades_kept() {
     let parts = head(
         "GET",
@@ -597,10 +665,12 @@ fn hop_by_hop_headers_are_dropped_and_upgrades_kept() {
             ("connection", "Upgrade"),
             ("upgrade", "websocket"),
             ("te", "trailers"),
+            ("sec-websocket-extensions", "permessage-deflate"),
         ],
     );
     let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
     assert!(planned(result).upgrade);
+    assert!(parts.headers.get("sec-websocket-extensions").is_none());
     assert_eq!(parts.headers.get("upgrade").unwrap(), "websocket");
     assert_eq!(parts.headers.get("connection").unwrap(), "upgrade");
     assert_eq!(parts.headers.get("te").unwrap(), "trailers");
