@@ -185,6 +185,10 @@ pub async fn handle(
     }
     let upgrade = plan.upgrade && upstream_status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), upgrade);
+    if upgrade && let Some(verdicts) = &verdicts {
+        // From here the connection carries frames, not requests.
+        verdicts.upgraded();
+    }
     if upgrade && let Some(agent_side) = agent_upgrade {
         let upstream_side = hyper::upgrade::on(&mut response);
         let echo = plan.bound.then(|| snapshot.echo.clone());
