@@ -2,5 +2,5 @@
 //! however the stream is split.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    credbroker_sidecar::http::guard::fuzz_framing(data);
+    credbroker_sidecar::exchange::guard::fuzz_framing(data);
 });

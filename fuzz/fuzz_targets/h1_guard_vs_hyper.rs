@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use credbroker_sidecar::http::guard::FramingTracker;
+use credbroker_sidecar::exchange::guard::FramingTracker;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;

@@ -1,5 +1,5 @@
 //! One request head through the sidecar's per-request decision and rewrite
-//! ([`credbroker_sidecar::http::plan::plan`]): the part of the added latency
+//! ([`credbroker_sidecar::exchange::plan::plan`]): the part of the added latency
 //! that is ours, not the network's or TLS's (DESIGN.md section 7: p50 added
 //! latency <= 0.1 ms). With 1, 10 and 100 bindings, a head that carries a
 //! placeholder (swapped) and one that carries none.
@@ -16,7 +16,7 @@ use credbroker_crds::config::{PodPlaceholders, SidecarBindings};
 use credbroker_sidecar::config::EgressMode;
 use credbroker_sidecar::echo::EchoDetector;
 use credbroker_sidecar::engine::{Slot, Snapshot};
-use credbroker_sidecar::http::plan::{Conn, plan};
+use credbroker_sidecar::exchange::plan::{ConnFacts, plan};
 use credbroker_sidecar::metrics::BindingLabel;
 use credbroker_sidecar::secret::Placeholder;
 use credbroker_sidecar::store::{Secret, SecretState};
@@ -114,7 +114,7 @@ fn planning(c: &mut Criterion) {
         let (snapshot, placeholders) = snapshot(n);
         let last = n - 1;
         let host = format!("api{last}.example.com");
-        let conn = Conn {
+        let conn = ConnFacts {
             sni: Some(&host),
             port: 443,
             original: None,

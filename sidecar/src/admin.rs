@@ -1,6 +1,8 @@
 //! The admin port: `/healthz` (the process serves), `/readyz` (config
 //! loaded and every bound secret read; else 503 saying what is missing),
 //! `/metrics` (Prometheus). Nothing here carries a secret or a placeholder.
+//! It has its own small connection cap, so a flood of it cannot take the
+//! proxy's descriptors.
 
 use std::sync::Arc;
 
@@ -11,23 +13,29 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Semaphore;
 
 use crate::engine::Engine;
+use crate::listen::{Listener, accept_loop};
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
-pub async fn serve(engine: Arc<Engine>, listener: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
+/// Admin connections open at once (probes and a scraper need a handful).
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+
+/// Serves the admin endpoints on `listener` until shutdown.
+pub async fn serve(engine: Arc<Engine>, listener: TcpListener) {
+    let l = Listener {
+        listener,
+        limit: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+        // Not the proxy's tracker: the drain does not wait for scrapers.
+        tasks: tokio_util::task::TaskTracker::new(),
+        shutdown: engine.shutdown.clone(),
+        metrics: None,
+        what: "admin",
+    };
+    accept_loop(l, move |stream, guard| {
         let engine = engine.clone();
-        tokio::spawn(async move {
+        async move {
+            let _guard = guard;
             let service = service_fn(move |request| {
                 let engine = engine.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&engine, &request)) }
@@ -39,8 +47,9 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener, shutdown: Cancell
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 fn answer(engine: &Engine, request: &Request<Incoming>) -> Response<Full<Bytes>> {

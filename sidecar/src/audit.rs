@@ -24,11 +24,77 @@ pub const MAX_PATH_LEN: usize = 256;
 /// Records the queue holds before new ones are dropped.
 const QUEUE_LEN: usize = 8192;
 
+/// The audit record format's version: a field changes meaning or goes
+/// away only with a new version.
+pub const SCHEMA: u8 = 1;
+
+/// What the sidecar did with a request or a connection: the vocabulary of
+/// audit records, metrics (`decision` labels) and the sidecar's own answers
+/// (`error`). Stable: changing a name is a breaking change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Forwarded; it carried no placeholder.
+    Forwarded,
+    /// Forwarded with secrets swapped in.
+    Injected,
+    /// A placeholder where its binding does not allow it: not forwarded.
+    ExfiltrationBlocked,
+    /// A secret came back from the upstream: the response was refused or cut.
+    EchoBlocked,
+    /// The request names another host than the connection's.
+    Misdirected,
+    /// The binding's secret is pending, failed or too stale.
+    SecretUnavailable,
+    BadRequest,
+    /// Egress is deny, and the destination is not bound.
+    EgressDenied,
+    /// A compressed body that could need a swap.
+    Unsupported,
+    /// A response the echo checks cannot read (compressed, partial).
+    NotInspectable,
+    UpstreamError,
+    /// The agent went away before the answer; the audit says what had
+    /// been sent by then.
+    Cancelled,
+    /// A connection refused before any request (egress deny, a name
+    /// mismatch, strict destination).
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Injected => "injected",
+            Self::ExfiltrationBlocked => "exfiltration_blocked",
+            Self::EchoBlocked => "echo_blocked",
+            Self::Misdirected => "misdirected",
+            Self::SecretUnavailable => "secret_unavailable",
+            Self::BadRequest => "bad_request",
+            Self::EgressDenied => "egress_denied",
+            Self::Unsupported => "unsupported",
+            Self::NotInspectable => "not_inspectable",
+            Self::UpstreamError => "upstream_error",
+            Self::Cancelled => "cancelled",
+            Self::Refused => "refused",
+        }
+    }
+
+    /// Whether the outcome is a security event: its audit record is never
+    /// dropped, even when the writer is behind.
+    pub fn is_security_event(self) -> bool {
+        matches!(self, Self::ExfiltrationBlocked | Self::EchoBlocked)
+    }
+}
+
 /// What happened to one request; field names are the audit format.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
     /// Always `"audit"`, so the line stands out from log lines.
     pub kind: &'static str,
+    /// [`SCHEMA`].
+    pub schema: u8,
     /// Seconds since the Unix epoch.
     pub ts: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,16 +103,22 @@ pub struct AuditRecord {
     pub namespace: Option<Arc<str>>,
     /// The bindings swapped in (or the one blocked).
     pub bindings: Vec<Arc<str>>,
-    /// `host:port` the request was for.
+    /// `host:port` the request was for, cut at [`MAX_PATH_LEN`].
     pub destination: String,
     pub method: String,
-    /// The path without its query, cut at [`MAX_PATH_LEN`].
+    /// The path without its query, cut at [`MAX_PATH_LEN`]; withheld when it
+    /// held a placeholder.
     pub path: String,
-    /// `forwarded`, `injected`, `exfiltration_blocked`, `echo_blocked`,
-    /// `misdirected`, `secret_unavailable`, `bad_request`, `upstream_error`, ...
-    pub decision: &'static str,
+    /// `h1`, `h2`, or `tcp` for a connection that was not HTTP.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub protocol: Option<&'static str>,
+    pub decision: Outcome,
+    /// A stable code saying why, for refusals (`destination_not_bound`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// What a human reads about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// The status the agent got (none when the response was aborted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
@@ -58,9 +130,10 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// A record with the request's identity filled in and the outcome empty.
-    pub fn new(destination: String, method: &str, path: &str) -> Self {
+    pub fn new(destination: &str, method: &str, path: &str) -> Self {
         Self {
             kind: "audit",
+            schema: SCHEMA,
             ts: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
@@ -68,11 +141,13 @@ impl AuditRecord {
             pod: None,
             namespace: None,
             bindings: Vec::new(),
-            destination,
-            method: method.to_owned(),
+            destination: cut(destination, MAX_PATH_LEN).to_owned(),
+            method: cut(method, 32).to_owned(),
             path: cut(path, MAX_PATH_LEN).to_owned(),
-            decision: "forwarded",
+            protocol: None,
+            decision: Outcome::Forwarded,
             reason: None,
+            detail: None,
             status: None,
             upstream_status: None,
             latency_ms: 0.0,
@@ -80,7 +155,8 @@ impl AuditRecord {
     }
 }
 
-fn cut(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -177,6 +253,13 @@ impl AuditLog {
         };
         match self.tx.try_send(line) {
             Ok(()) => {}
+            Err(TrySendError::Full(line)) if record.decision.is_security_event() => {
+                // Never dropped: wait for the writer (rare, and short: it
+                // only writes lines).
+                if self.tx.send(line).is_err() {
+                    self.metrics.audit_dropped();
+                }
+            }
             Err(TrySendError::Full(_)) => {
                 self.metrics.audit_dropped();
                 tracing::error!("audit writer is behind; an audit record was dropped");
@@ -235,13 +318,13 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .unwrap();
-        let mut r = AuditRecord::new("api.example.com:443".into(), "POST", "/v1/chat");
+        let mut r = AuditRecord::new("api.example.com:443", "POST", "/v1/chat");
         r.bindings.push(Arc::from("openai"));
-        r.decision = "injected";
+        r.decision = Outcome::Injected;
         r.status = Some(200);
         r.upstream_status = Some(200);
         log.record(r);
-        log.record(AuditRecord::new("x:443".into(), "GET", &"/a".repeat(300)));
+        log.record(AuditRecord::new("x:443", "GET", &"/a".repeat(300)));
         log.close();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
@@ -250,6 +333,7 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert_eq!(lines[0]["kind"], "audit");
+        assert_eq!(lines[0]["schema"], SCHEMA);
         assert_eq!(lines[0]["pod"], "agent-0");
         assert_eq!(lines[0]["bindings"][0], "openai");
         assert_eq!(lines[0]["decision"], "injected");

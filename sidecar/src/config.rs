@@ -78,25 +78,22 @@ pub struct EngineArgs {
     )]
     pub extra_ca_files: Vec<PathBuf>,
 
-    /// The pod CA's directory (its key lives here, mode 0600; an in-memory
-    /// volume mounted only in the sidecar).
-    #[arg(
-        long,
-        env = "CREDBROKER_CA_DIR",
-        default_value = "/var/run/credbroker/ca"
-    )]
-    pub ca_dir: PathBuf,
+    /// The pod CA's directory (its key lives here, mode 0600; in a pod an
+    /// in-memory volume mounted only in the sidecar). Default: proxy
+    /// /var/run/credbroker/ca; local $XDG_STATE_HOME/credbroker/ca (else
+    /// ~/.local/state/credbroker/ca).
+    #[arg(long, env = "CREDBROKER_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
 
     /// Where the trust files agents read are written (ca.crt,
-    /// ca-bundle.crt, truststore.p12).
-    #[arg(
-        long,
-        env = "CREDBROKER_BUNDLE_DIR",
-        default_value = "/var/run/credbroker/trust"
-    )]
-    pub bundle_dir: PathBuf,
+    /// ca-bundle.crt, truststore.p12). Default: proxy
+    /// /var/run/credbroker/trust; local $XDG_STATE_HOME/credbroker/trust.
+    #[arg(long, env = "CREDBROKER_BUNDLE_DIR")]
+    pub bundle_dir: Option<PathBuf>,
 
     /// Health, readiness and metrics (`/healthz`, `/readyz`, `/metrics`).
+    /// Default: proxy [::]:15121 (the kubelet probes it on the pod IP);
+    /// local: off.
     #[arg(long, env = "CREDBROKER_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
 
@@ -176,15 +173,26 @@ pub struct EngineArgs {
     #[arg(long, env = "CREDBROKER_AUDIT_LOG", default_value = "-")]
     pub audit_log: AuditSink,
 
-    #[arg(long, env = "CREDBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
-    pub log_format: LogFormat,
+    /// Log lines on stderr (`RUST_LOG` filters them). Default: proxy json,
+    /// local text.
+    #[arg(long, env = "CREDBROKER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 
-    /// The pod's name and namespace, for audit records (the webhook sets
-    /// them from the downward API).
-    #[arg(long, env = "POD_NAME")]
+    /// The pod's name, for audit records (the webhook sets it from the
+    /// downward API).
+    #[arg(long, env = "CREDBROKER_POD_NAME")]
     pub pod_name: Option<String>,
-    #[arg(long, env = "POD_NAMESPACE")]
+    /// The pod's namespace, for audit records.
+    #[arg(long, env = "CREDBROKER_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
+}
+
+/// The directories and log format a mode uses when the flags do not say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub ca_dir: PathBuf,
+    pub bundle_dir: PathBuf,
+    pub log_format: LogFormat,
 }
 
 /// Which files hold the config.
@@ -365,7 +373,7 @@ pub async fn watch_config(
     files: ConfigFiles,
     mut last: Contents,
     interval: Duration,
-    tx: watch::Sender<Arc<Config>>,
+    tx: watch::Sender<Option<Arc<Config>>>,
     metrics: Arc<Metrics>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -391,7 +399,7 @@ pub async fn watch_config(
                     placeholders = config.placeholders.0.len(),
                     "config reloaded"
                 );
-                tx.send_replace(Arc::new(config));
+                tx.send_replace(Some(Arc::new(config)));
             }
             Err((part, error)) => {
                 metrics.config_reload(part, false);
@@ -422,12 +430,54 @@ impl EngineArgs {
                 "--secret-source file needs --secrets-dir (the directory of secret files)".into(),
             ));
         }
-        if self.ca_dir == self.bundle_dir {
-            return Err(Error::Config(
-                "--ca-dir and --bundle-dir must differ: the CA key must never sit among the files agents read".into(),
-            ));
-        }
         Ok(())
+    }
+
+    /// The directories and log format for a mode: a pod's fixed paths, or a
+    /// user's state directory in local mode (the pod paths are not writable
+    /// on a laptop).
+    pub fn resolve(
+        &self,
+        local: bool,
+        home: Option<&Path>,
+        xdg_state: Option<&Path>,
+    ) -> Result<Resolved> {
+        let base = if local {
+            match (xdg_state, home) {
+                (Some(state), _) => state.join("credbroker"),
+                (None, Some(home)) => home.join(".local/state/credbroker"),
+                (None, None) if self.ca_dir.is_none() || self.bundle_dir.is_none() => {
+                    return Err(Error::Config(
+                        "no HOME or XDG_STATE_HOME: give --ca-dir and --bundle-dir".into(),
+                    ));
+                }
+                (None, None) => PathBuf::new(),
+            }
+        } else {
+            PathBuf::from("/var/run/credbroker")
+        };
+        let resolved = Resolved {
+            ca_dir: self.ca_dir.clone().unwrap_or_else(|| base.join("ca")),
+            bundle_dir: self
+                .bundle_dir
+                .clone()
+                .unwrap_or_else(|| base.join("trust")),
+            log_format: self.log_format.unwrap_or(if local {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }),
+        };
+        let (ca, bundle) = (&resolved.ca_dir, &resolved.bundle_dir);
+        if ca.starts_with(bundle) || bundle.starts_with(ca) {
+            return Err(Error::Config(format!(
+                "--ca-dir {} and --bundle-dir {} must not contain one another: the CA key must \
+                 never sit among the files agents read",
+                ca.display(),
+                bundle.display()
+            )));
+        }
+        Ok(resolved)
     }
 }
 
@@ -501,7 +551,7 @@ mod tests {
         std::fs::write(dir.path().join("bindings.v1.json"), BINDINGS).unwrap();
         let metrics = Arc::new(Metrics::new());
         let contents = read_contents(&files);
-        let (tx, mut rx) = watch::channel(Arc::new(parse(&files, &contents).unwrap()));
+        let (tx, mut rx) = watch::channel(Some(Arc::new(parse(&files, &contents).unwrap())));
         let task = tokio::spawn(watch_config(
             files,
             contents,
@@ -526,7 +576,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(rx.borrow().bindings.bindings[0].id, "other");
+        assert_eq!(
+            rx.borrow().as_ref().unwrap().bindings.bindings[0].id,
+            "other"
+        );
         task.abort();
     }
 }

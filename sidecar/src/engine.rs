@@ -1,12 +1,19 @@
 //! The engine `proxy` and `local` share: the current [`Snapshot`] of
 //! bindings, placeholders, secrets, echo detector and upstream clients, and
-//! everything a connection needs to act on it.
+//! everything a connection needs to act on it (limits, the task tracker the
+//! drain waits on, the shutdown signal).
 //!
 //! A snapshot is immutable. A builder task makes a new one whenever the
 //! config or a secret changes and swaps it in atomically; each request
 //! loads the current one once (no lock on the hot path) and uses it
 //! throughout, so a reload never changes the rules under a request, and
 //! in-flight requests finish with the values they started with.
+//!
+//! Rebuilds run on the blocking pool (an echo detector for many secrets,
+//! or the placeholder automaton, is milliseconds of CPU), changes arriving
+//! together are coalesced, and what a change did not touch is reused: a
+//! secret rotation does not rebuild the placeholder automaton or the
+//! upstream connection pools.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,17 +23,28 @@ use arc_swap::ArcSwap;
 use credbroker_crds::Surface;
 use credbroker_crds::config::SidecarBinding;
 use credbroker_crds::validate::host_matches;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, EgressMode};
 use crate::echo::EchoDetector;
 use crate::metrics::{BindingLabel, Metrics};
 use crate::secret::SecretValue;
-use crate::store::{SecretState, SecretStore, Wanted};
+use crate::store::{SecretState, SecretStore, StoreView, Wanted};
 use crate::substitute::{BindingSet, PlaceholderSet, SecretLookup};
 use crate::tls::{LeafCertCache, UpstreamTls};
 use crate::upstream::{DestinationTrust, UpstreamSettings, Upstreams};
+
+/// How much request-body data may be buffered at once, all requests
+/// together (to send a swapped body with its true length); past it, bodies
+/// are streamed chunked instead.
+pub const BODY_BUFFER_BUDGET: usize = 32 * 1024 * 1024;
+/// How long changes are gathered before a rebuild.
+const REBUILD_COALESCE: Duration = Duration::from_millis(20);
+/// How often secret-state gauges are refreshed (staleness needs no event).
+const STATE_TICK: Duration = Duration::from_secs(1);
 
 /// Settings the engine acts on, fixed for the process.
 #[derive(Debug, Clone)]
@@ -65,18 +83,22 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Whether some binding's destination covers `host:port` for this
-    /// transport: decides whether the sidecar terminates TLS for an SNI
-    /// (and in cleartext whether the Host is bound).
+    /// Whether a binding this pod can use (it has its placeholder) has a
+    /// destination covering `host:port` for this transport. It decides
+    /// whether the sidecar terminates TLS for an SNI, and in cleartext
+    /// whether a Host is bound. A binding without a placeholder here has
+    /// nothing to swap, so its hosts are not intercepted.
     pub fn covers(&self, host: &str, port: u16, tls: bool) -> bool {
-        self.bindings.iter().any(|b| {
-            b.destinations.iter().any(|d| {
-                d.port == port && (tls || d.allow_cleartext) && host_matches(&d.host, host)
-            })
+        self.bindings.iter().zip(&self.secrets).any(|(b, slot)| {
+            !matches!(slot, Slot::NoPlaceholder)
+                && b.destinations.iter().any(|d| {
+                    d.port == port && (tls || d.allow_cleartext) && host_matches(&d.host, host)
+                })
         })
     }
 
-    /// Whether any destination has `host:port` at all (TLS or not).
+    /// Whether any destination has `host:port`, TLS or not (a cleartext
+    /// placeholder toward it is then judged by its binding's rules).
     pub fn names(&self, host: &str, port: u16) -> bool {
         self.bindings.iter().any(|b| {
             b.destinations
@@ -86,28 +108,18 @@ impl Snapshot {
     }
 
     /// The binding's secret if it is ready and fresh enough to use now.
-    pub fn usable_secret(&self, binding: usize) -> Result<&crate::store::Secret, &'static str> {
+    pub fn usable_secret(&self, binding: usize) -> Result<&crate::store::Secret, Unusable> {
         match self.secrets.get(binding) {
             Some(Slot::State(SecretState::Ready(secret))) => {
                 if secret.usable_at(tokio::time::Instant::now()) {
                     Ok(secret)
                 } else {
-                    Err(
-                        "the secret source has not confirmed the value for longer than the allowed staleness",
-                    )
+                    Err(Unusable::Stale)
                 }
             }
-            Some(Slot::State(SecretState::Pending)) => Err("the secret has not been read yet"),
-            Some(Slot::State(SecretState::Failed(_))) => Err("the secret is unavailable"),
-            Some(Slot::NoPlaceholder) | None => Err("this pod has no placeholder for the binding"),
-        }
-    }
-
-    /// The failure message of a binding's secret, for error responses.
-    pub fn secret_failure(&self, binding: usize) -> Option<String> {
-        match self.secrets.get(binding) {
-            Some(Slot::State(SecretState::Failed(f))) => Some(f.message.clone()),
-            _ => None,
+            Some(Slot::State(SecretState::Pending)) => Err(Unusable::Pending),
+            Some(Slot::State(SecretState::Failed(f))) => Err(Unusable::Failed(f.step)),
+            Some(Slot::NoPlaceholder) | None => Err(Unusable::NoPlaceholder),
         }
     }
 
@@ -116,6 +128,15 @@ impl Snapshot {
             .get(binding)
             .cloned()
             .unwrap_or_else(BindingLabel::none)
+    }
+
+    /// The id of a binding: of the config, or (for an echo of a value
+    /// whose binding has since gone) as the echo detector knows it.
+    pub fn binding_id(&self, binding: usize) -> Option<&str> {
+        self.bindings
+            .get(binding)
+            .map(|b| b.id.as_str())
+            .or_else(|| self.echo.binding_id(binding))
     }
 
     /// The indexes of bindings that may be swapped on `surface` of a request
@@ -133,6 +154,48 @@ impl Snapshot {
             })
             .map(|(i, _)| i)
             .collect()
+    }
+}
+
+/// Why a binding's secret cannot be used for a request. Only the step: what
+/// the source said in full (paths, library text) goes to the logs, never to
+/// the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    /// Not read yet.
+    Pending,
+    /// Not confirmed by the source for longer than `--max-staleness`.
+    Stale,
+    /// The source refused or failed at this step (`not_found`, ...).
+    Failed(&'static str),
+    /// This pod has no placeholder for the binding.
+    NoPlaceholder,
+}
+
+impl Unusable {
+    /// A stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Pending => "secret_pending",
+            Self::Stale => "secret_stale",
+            Self::Failed(step) => step,
+            Self::NoPlaceholder => "no_placeholder",
+        }
+    }
+
+    pub fn detail(self) -> String {
+        match self {
+            Self::Pending => "the secret has not been read yet".into(),
+            Self::Stale => {
+                "the secret source has not confirmed the value for longer than the allowed staleness"
+                    .into()
+            }
+            Self::Failed(step) => format!(
+                "the secret is unavailable ({}); the sidecar's log says why",
+                step.replace('_', " ")
+            ),
+            Self::NoPlaceholder => "this pod has no placeholder for the binding".into(),
+        }
     }
 }
 
@@ -156,12 +219,29 @@ impl<S: std::ops::Deref<Target = Snapshot>> SecretLookup for Lookup<S> {
     }
 }
 
+/// The parts of a snapshot that depend on the config alone, kept across
+/// secret-only rebuilds.
+struct Rules {
+    config: Arc<Config>,
+    placeholders: Arc<PlaceholderSet>,
+    labels: Vec<BindingLabel>,
+    upstreams: Arc<Upstreams>,
+}
+
 /// The shared state of a running sidecar.
 pub struct Engine {
     pub settings: EngineSettings,
     pub metrics: Arc<Metrics>,
     pub audit: AuditLog,
     pub leaves: Arc<LeafCertCache>,
+    /// Every connection and tunnel task: the drain waits for them.
+    pub tasks: TaskTracker,
+    /// Cancelled at SIGTERM: stop accepting, finish in-flight work.
+    pub shutdown: CancellationToken,
+    /// One permit per open connection (tunnels keep theirs).
+    pub connections: Arc<Semaphore>,
+    /// KiB of request bodies being buffered, all requests together.
+    pub body_budget: Arc<Semaphore>,
     upstream_tls: Arc<UpstreamTls>,
     upstream_settings: UpstreamSettings,
     store: Arc<SecretStore>,
@@ -180,6 +260,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     pub fn new(
         settings: EngineSettings,
+        max_connections: usize,
         metrics: Arc<Metrics>,
         audit: AuditLog,
         leaves: Arc<LeafCertCache>,
@@ -208,6 +289,10 @@ impl Engine {
             metrics,
             audit,
             leaves,
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            connections: Arc::new(Semaphore::new(max_connections)),
+            body_budget: Arc::new(Semaphore::new(BODY_BUFFER_BUDGET / 1024)),
             upstream_tls,
             upstream_settings,
             store,
@@ -254,29 +339,53 @@ impl Engine {
     /// (a pod whose config files are broken at start stays not ready).
     pub async fn run_builder(self: Arc<Self>, mut config: watch::Receiver<Option<Arc<Config>>>) {
         let mut secrets = self.store.subscribe();
-        let mut synced: Option<Arc<Config>> = None;
+        let mut rules: Option<Arc<Rules>> = None;
+        let mut tick = tokio::time::interval(STATE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let current = config.borrow_and_update().clone();
             if let Some(current) = current {
-                if synced.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &current)) {
-                    self.store.sync(&wanted(&current));
-                    synced = Some(current.clone());
-                }
+                let rules_now = match &rules {
+                    Some(r) if Arc::ptr_eq(&r.config, &current) => r.clone(),
+                    _ => {
+                        self.store.sync(&wanted(&current));
+                        let previous = rules.take();
+                        let engine = self.clone();
+                        let built = tokio::task::spawn_blocking(move || {
+                            engine.build_rules(current, previous.as_deref())
+                        })
+                        .await;
+                        match built {
+                            Ok(r) => Arc::new(r),
+                            Err(e) => {
+                                tracing::error!(error = %e, "building the bindings failed; keeping the previous ones");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                rules = Some(rules_now.clone());
                 secrets.mark_unchanged();
-                self.rebuild(&current);
+                let engine = self.clone();
+                let _ = tokio::task::spawn_blocking(move || engine.rebuild(&rules_now)).await;
             }
             tokio::select! {
                 changed = config.changed() => if changed.is_err() { return },
                 changed = secrets.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {
+                    self.update_state_gauges();
+                    continue;
+                }
             }
+            // Gather what arrives together (1,000 first reads at start-up).
+            tokio::time::sleep(REBUILD_COALESCE).await;
         }
     }
 
-    fn rebuild(&self, config: &Config) {
-        let view = self.store.view();
-        let previous = self.snapshot.load();
-        let bindings = config.bindings.bindings.clone();
-        let placeholders = match PlaceholderSet::from_config(&bindings, &config.placeholders) {
+    fn build_rules(&self, config: Arc<Config>, previous: Option<&Rules>) -> Rules {
+        let bindings = &config.bindings.bindings;
+        let placeholders = match PlaceholderSet::from_config(bindings, &config.placeholders) {
             Ok(set) => set,
             Err(e) => {
                 // Validated when the config loaded; should it fail anyway,
@@ -285,15 +394,40 @@ impl Engine {
                 PlaceholderSet::empty()
             }
         };
-        let labels: Vec<BindingLabel> = bindings
+        let labels = bindings
             .iter()
             .map(|b| BindingLabel(Arc::from(b.id.as_str())))
-            .collect();
+            .collect::<Vec<_>>();
+        if let Some(previous) = previous {
+            for gone in previous.labels.iter().filter(|l| !labels.contains(l)) {
+                self.metrics.forget_binding(gone);
+            }
+        }
+        let trust = DestinationTrust::of(bindings);
+        let upstreams = match previous {
+            Some(p) if p.upstreams.serves(&trust) => p.upstreams.clone(),
+            _ => Arc::new(Upstreams::new(
+                self.upstream_tls.clone(),
+                trust,
+                self.upstream_settings,
+            )),
+        };
+        Rules {
+            config,
+            placeholders: Arc::new(placeholders),
+            labels,
+            upstreams,
+        }
+    }
+
+    fn rebuild(&self, rules: &Rules) {
+        let view = self.store.view();
+        let bindings = rules.config.bindings.bindings.clone();
         let secrets: Vec<Slot> = bindings
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                if placeholders.binding_id(i).is_none() {
+                if rules.placeholders.binding_id(i).is_none() {
                     Slot::NoPlaceholder
                 } else {
                     Slot::State(
@@ -305,42 +439,49 @@ impl Engine {
                 }
             })
             .collect();
-        for (i, slot) in secrets.iter().enumerate() {
-            if let Slot::State(state) = slot {
-                self.metrics.secret_state(&labels[i], state.name());
-            }
-        }
-        let echo = self.echo_detector(&bindings, &secrets, &view.previous);
-        let trust = DestinationTrust::of(&bindings);
-        let upstreams = if previous.upstreams.serves(&trust) {
-            previous.upstreams.clone()
-        } else {
-            Arc::new(Upstreams::new(
-                self.upstream_tls.clone(),
-                trust,
-                self.upstream_settings,
-            ))
-        };
+        let echo = self.echo_detector(&bindings, &secrets, &view);
         self.snapshot.store(Arc::new(Snapshot {
             bindings,
-            labels,
-            placeholders: Arc::new(placeholders),
+            labels: rules.labels.clone(),
+            placeholders: rules.placeholders.clone(),
             secrets,
             echo,
-            upstreams,
+            upstreams: rules.upstreams.clone(),
         }));
+        self.update_state_gauges();
         if view.all_loaded {
             if !self.ready.swap(true, Ordering::AcqRel) {
                 tracing::info!("ready: config loaded and every bound secret read");
             }
         } else if !self.ready.load(Ordering::Acquire) {
-            let waiting: Vec<&str> = view
+            let mut waiting: Vec<String> = view
                 .states
                 .iter()
                 .filter(|(_, s)| !matches!(s, SecretState::Ready(_)))
-                .map(|(id, _)| id.as_str())
+                .map(|(id, s)| match s {
+                    SecretState::Failed(f) => format!("{id} ({})", f.step),
+                    _ => format!("{id} (not read yet)"),
+                })
                 .collect();
-            self.set_not_ready(format!("waiting for the secrets of bindings {waiting:?}"));
+            waiting.sort();
+            self.set_not_ready(format!(
+                "waiting for the secrets of bindings {}",
+                waiting.join(", ")
+            ));
+        }
+    }
+
+    /// Sets the state gauge of every binding, staleness included.
+    fn update_state_gauges(&self) {
+        let snapshot = self.snapshot.load();
+        let now = tokio::time::Instant::now();
+        for (i, slot) in snapshot.secrets.iter().enumerate() {
+            let state = match slot {
+                Slot::NoPlaceholder => "no_placeholder",
+                Slot::State(SecretState::Ready(s)) if !s.usable_at(now) => "stale",
+                Slot::State(state) => state.name(),
+            };
+            self.metrics.secret_state(&snapshot.label(i), state);
         }
     }
 
@@ -348,7 +489,7 @@ impl Engine {
         &self,
         bindings: &[SidecarBinding],
         secrets: &[Slot],
-        previous: &[(String, Arc<crate::store::Secret>)],
+        view: &StoreView,
     ) -> Arc<EchoDetector> {
         let mut values: Vec<(usize, &str, &SecretValue)> = Vec::new();
         for (i, slot) in secrets.iter().enumerate() {
@@ -356,7 +497,7 @@ impl Engine {
                 values.push((i, bindings[i].id.as_str(), secret.forms().raw()));
             }
         }
-        for (id, secret) in previous {
+        for (id, secret) in &view.previous {
             // A binding gone from the config keeps its echoes under an index
             // past the current ones, so reports still name it.
             let index = bindings

@@ -26,16 +26,17 @@ use std::str::FromStr;
 
 use crate::{Error, Result};
 
-/// The port the sidecar listens on for redirected connections.
-pub const DEFAULT_PROXY_PORT: u16 = 15001;
+/// The port the sidecar listens on for redirected connections. Not 15001:
+/// Istio's and Kuma's proxies take it (and Istio the 15000-15090 range), and
+/// two sidecars in one pod must not fight over a port.
+pub const DEFAULT_PROXY_PORT: u16 = 15101;
 /// The sidecar's UID, the one identity whose traffic is not captured.
 ///
 /// Not 1337: Istio's proxy runs as 1337, and a pod in both meshes would let
 /// Istio's proxy (or an agent given that UID for Istio) bypass credbroker.
 /// 15017 is outside the ranges images give their own users (system users
 /// below 1000, first users from 1000, nobody/distroless at 65532-65534) and
-/// Linkerd's 2102, and sits with the sidecar's 150xx ports so it is easy to
-/// recognise in `ps` and rule listings. The webhook refuses agent containers
+/// Linkerd's 2102, and is easy to recognise in `ps` and rule listings. The webhook refuses agent containers
 /// that run as it.
 pub const DEFAULT_PROXY_UID: u32 = 15017;
 /// The sidecar's primary GID. The exemption requires the UID *and* this GID,
@@ -890,7 +891,7 @@ const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 /// future (`all`, `default`, each device): rules are needed if any
 /// `disable_ipv6` is 0. No `conf` folder means a kernel without IPv6.
 /// Unreadable values are errors: guessing "off" would leave IPv6 uncaptured.
-fn ipv6_enabled(conf: &Path) -> Result<bool> {
+pub(crate) fn ipv6_enabled(conf: &Path) -> Result<bool> {
     let entries = match std::fs::read_dir(conf) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -942,7 +943,7 @@ mod tests {
 -A CREDBROKER_OUTPUT -m owner --uid-owner 15017 --gid-owner 15017 -m comment --comment "credbroker: the sidecar itself is not captured" -j RETURN
 -A CREDBROKER_OUTPUT -o lo -m comment --comment "credbroker: loopback is not captured" -j RETURN
 -A CREDBROKER_OUTPUT -d 127.0.0.0/8 -m comment --comment "credbroker: loopback is not captured" -j RETURN
--A CREDBROKER_OUTPUT -p tcp -m comment --comment "credbroker: outbound TCP goes to the sidecar" -j REDIRECT --to-ports 15001
+-A CREDBROKER_OUTPUT -p tcp -m comment --comment "credbroker: outbound TCP goes to the sidecar" -j REDIRECT --to-ports 15101
 -I OUTPUT 1 -p tcp -m comment --comment "credbroker: capture outbound TCP" -j CREDBROKER_OUTPUT
 COMMIT
 *filter
@@ -996,7 +997,7 @@ COMMIT
                     "-j REDIRECT --to-ports 16001",
                     "-m owner --uid-owner 2102 --gid-owner 2103 -m comment",
                 ],
-                absent: &["15001", "15017"],
+                absent: &["15101", "15017"],
             },
             Case {
                 args: &[
@@ -1161,7 +1162,7 @@ COMMIT
 -A OUTPUT -p tcp -m comment --comment "credbroker: capture outbound TCP" -j CREDBROKER_OUTPUT
 -A OUTPUT -g CREDBROKER_OLD
 -A CREDBROKER_OLD -j CREDBROKER_OUTPUT
--A CREDBROKER_OUTPUT -p tcp -j REDIRECT --to-ports 15001
+-A CREDBROKER_OUTPUT -p tcp -j REDIRECT --to-ports 15101
 COMMIT
 # Completed on Sat Nov 28 20:40:23 2026
 "#;

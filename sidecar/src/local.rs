@@ -15,80 +15,55 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::audit::{AuditRecord, Outcome};
 use crate::config::EgressMode;
 use crate::engine::Engine;
-use crate::http::guard::GuardedIo;
-use crate::http::{ConnInfo, RespBody, handler, json_response};
+use crate::exchange::guard::GuardedIo;
+use crate::exchange::{ConnInfo, RespBody, handler, http1_builder, json_response};
 use crate::intercept::{PeekTimeouts, peek_client_hello};
+use crate::listen::{ConnGuard, Listener, accept_loop};
 use crate::route::{Destination, Dial, route};
 
-/// Accepts proxy clients on `listener` until `shutdown`.
-pub async fn accept_loop(
-    engine: Arc<Engine>,
-    listener: TcpListener,
-    limit: Arc<Semaphore>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
-        };
-        let (stream, _) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::error!(error = %e, "accepting a proxy client failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            engine.metrics.connection("over_limit");
-            continue;
-        };
-        let (engine, shutdown2, tracker2) = (engine.clone(), shutdown.clone(), tracker.clone());
-        tracker.spawn(async move {
-            let _permit = permit;
-            let _open = engine.metrics.open_connection();
-            serve_client(engine, stream, tracker2, shutdown2).await;
-        });
-    }
+/// Serves proxy clients on `listener` until shutdown.
+pub async fn serve(engine: Arc<Engine>, listener: TcpListener) {
+    let l = Listener {
+        listener,
+        limit: engine.connections.clone(),
+        tasks: engine.tasks.clone(),
+        shutdown: engine.shutdown.clone(),
+        metrics: Some(engine.metrics.clone()),
+        what: "local",
+    };
+    accept_loop(l, move |stream, guard| {
+        serve_client(engine.clone(), stream, guard)
+    })
+    .await;
 }
 
-async fn serve_client(
-    engine: Arc<Engine>,
-    stream: TcpStream,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+async fn serve_client(engine: Arc<Engine>, stream: TcpStream, guard: Arc<ConnGuard>) {
     let (io, verdicts) = GuardedIo::new(
         stream,
-        crate::http::guard::head_limit(engine.settings.max_header_bytes),
+        crate::exchange::guard::head_limit(engine.settings.max_header_bytes),
     );
     let info = Arc::new(ConnInfo {
         proxy_form: true,
+        guard: Some(guard.clone()),
         ..ConnInfo::default()
     });
     let service = {
         let engine = engine.clone();
-        let shutdown = shutdown.clone();
         service_fn(move |request: Request<Incoming>| {
             let (engine, info, verdicts) = (engine.clone(), info.clone(), verdicts.clone());
-            let (tracker, shutdown) = (tracker.clone(), shutdown.clone());
+            let guard = guard.clone();
             async move {
                 let response = if request.method() == Method::CONNECT {
                     // The guard follows heads only up to a CONNECT; take
                     // its verdict so the next request gets its own.
                     let _ = verdicts.next();
-                    connect(engine, request, tracker, shutdown)
+                    connect(engine, request, guard)
                 } else {
                     handler::handle(engine, info, Some(verdicts), request).await
                 };
@@ -96,13 +71,8 @@ async fn serve_client(
             }
         })
     };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(engine.settings.header_timeout)
-        .max_header_size(engine.settings.max_header_bytes as usize)
-        .max_buf_size(engine.settings.max_header_bytes as usize);
-    let conn = builder
+    let shutdown = engine.shutdown.clone();
+    let conn = http1_builder(&engine.settings)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -118,20 +88,23 @@ async fn serve_client(
     }
 }
 
-/// Answers a CONNECT, and runs its tunnel once the client switches.
+/// Answers a CONNECT, and runs its tunnel (on the engine's tracker, holding
+/// the client connection's place under the cap) once the client switches.
 fn connect(
     engine: Arc<Engine>,
     mut request: Request<Incoming>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
+    guard: Arc<ConnGuard>,
 ) -> Response<RespBody> {
+    let refuse = |status, decision: Outcome, code, detail: &str| {
+        close(json_response(status, decision.as_str(), code, detail, None))
+    };
     let Some(authority) = request.uri().authority().cloned() else {
-        return close(json_response(
+        return refuse(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            Outcome::BadRequest,
+            "connect_target",
             "CONNECT needs host:port",
-            None,
-        ));
+        );
     };
     let host = authority
         .host()
@@ -140,27 +113,39 @@ fn connect(
         .trim_end_matches('.')
         .to_ascii_lowercase();
     let Some(port) = authority.port_u16() else {
-        return close(json_response(
+        return refuse(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            Outcome::BadRequest,
+            "connect_target",
             "CONNECT needs host:port",
-            None,
-        ));
+        );
     };
+    if host.parse::<std::net::IpAddr>().is_err() && !credbroker_crds::validate::is_dns_name(&host) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            Outcome::BadRequest,
+            "invalid_host",
+            "CONNECT names something that is not a host name or an IP address",
+        );
+    }
     let snapshot = engine.snapshot();
-    let covered = snapshot.covers(&host, port, true) || snapshot.covers(&host, port, false);
-    if !covered && engine.settings.egress == EgressMode::Deny {
-        engine.metrics.connection("refused");
-        return close(json_response(
+    if !snapshot.covers(&host, port, true) && engine.settings.egress == EgressMode::Deny {
+        engine.metrics.connection("refused_egress");
+        let mut record = AuditRecord::new(&format!("{host}:{port}"), "CONNECT", "");
+        record.decision = Outcome::EgressDenied;
+        record.reason = Some("egress_deny");
+        record.status = Some(403);
+        engine.audit.record(record);
+        return refuse(
             StatusCode::FORBIDDEN,
-            "egress_denied",
+            Outcome::EgressDenied,
+            "egress_deny",
             &format!("{host}:{port} is not a bound destination, and egress is deny"),
-            None,
-        ));
+        );
     }
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let tracker2 = tracker.clone();
-    tracker2.spawn(async move {
+    let tasks = engine.tasks.clone();
+    tasks.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -186,9 +171,8 @@ fn connect(
             original: None,
             tunnel_host: Some(host),
         };
-        route(engine, io, peeked, destination, shutdown).await;
+        route(engine, io, peeked, destination, guard).await;
     });
-    let _ = tracker;
     Response::new(Empty::new().map_err(|e| match e {}).boxed_unsync())
 }
 

@@ -100,8 +100,17 @@ pub struct Metrics {
     secret_version: Family<BindingOnly, Gauge>,
     secret_last_success: Family<BindingOnly, Gauge<f64, AtomicU64>>,
     secret_state: Family<StateLabels, Gauge>,
+    upstream_errors: Family<StepLabels, Counter>,
     audit_dropped: Counter,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: &'static str,
+}
+
+/// Every state `secret_state` reports.
+const SECRET_STATES: [&str; 5] = ["pending", "ready", "stale", "failed", "no_placeholder"];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,7 +151,7 @@ impl Metrics {
         let blocked = Family::<BlockedLabels, Counter>::default();
         registry.register(
             "blocked",
-            "Requests and responses blocked to keep a secret where it belongs (exfiltration, echo), by binding and reason",
+            "Requests, responses and connections blocked to keep a secret where it belongs, by binding and reason (destination_not_bound, method_not_allowed, ..., an echo's encoding)",
             blocked.clone(),
         );
         let connections = Family::<RouteLabels, Counter>::default();
@@ -190,8 +199,14 @@ impl Metrics {
         let secret_state = Family::<StateLabels, Gauge>::default();
         registry.register(
             "secret_state",
-            "1 for the binding's current state (pending, ready, failed)",
+            "1 for the binding's current state (pending, ready, stale, failed, no_placeholder)",
             secret_state.clone(),
+        );
+        let upstream_errors = Family::<StepLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstreams that could not be reached or answered badly, by step (dns, connect, tls, timeout, exchange)",
+            upstream_errors.clone(),
         );
         let audit_dropped = Counter::default();
         registry.register(
@@ -212,8 +227,32 @@ impl Metrics {
             secret_version,
             secret_last_success,
             secret_state,
+            upstream_errors,
             audit_dropped,
         }
+    }
+
+    pub fn upstream_error(&self, step: &'static str) {
+        self.upstream_errors
+            .get_or_create(&StepLabels { step })
+            .inc();
+    }
+
+    /// Drops the series of a binding that is gone from the config, so it
+    /// no longer shows as ready (or anything else).
+    pub fn forget_binding(&self, binding: &BindingLabel) {
+        for state in SECRET_STATES {
+            self.secret_state.remove(&StateLabels {
+                binding: binding.clone(),
+                state,
+            });
+        }
+        self.secret_version.remove(&BindingOnly {
+            binding: binding.clone(),
+        });
+        self.secret_last_success.remove(&BindingOnly {
+            binding: binding.clone(),
+        });
     }
 
     /// Adds the leaf-certificate cache's counters (read at each scrape).
@@ -298,7 +337,7 @@ impl Metrics {
 
     /// Sets the state gauges of a binding: 1 for `state`, 0 for the others.
     pub fn secret_state(&self, binding: &BindingLabel, state: &'static str) {
-        for s in ["pending", "ready", "failed"] {
+        for s in SECRET_STATES {
             self.secret_state
                 .get_or_create(&StateLabels {
                     binding: binding.clone(),

@@ -10,18 +10,20 @@
 //!   protocol, other cleartext): splice it to where it was going, untouched
 //!   (cleartext still scanned for placeholders), or refuse it in `deny`
 //!   egress mode.
+//!
+//! The choice is [`classify`], a pure function; [`route`] carries it out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 
-use crate::audit::AuditRecord;
+use crate::audit::{AuditRecord, Outcome};
 use crate::config::EgressMode;
-use crate::engine::Engine;
-use crate::http::{ConnInfo, Protocol};
+use crate::engine::{Engine, Snapshot};
+use crate::exchange::{ConnInfo, Protocol};
 use crate::intercept::{PeekVerdict, Peeked, Replay};
+use crate::listen::ConnGuard;
 use crate::splice::{Checks, SpliceEnd, splice};
 use crate::tls::leaf::normalize_sni;
 use crate::upstream::{dial, resolve};
@@ -55,48 +57,96 @@ pub struct Destination {
     pub tunnel_host: Option<String>,
 }
 
-/// Handles a connection whose first bytes `peeked` read from `stream`.
-pub async fn route<S>(
-    engine: Arc<Engine>,
-    stream: S,
-    peeked: Peeked,
-    destination: Destination,
-    shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let snapshot = engine.snapshot();
-    match peeked.verdict {
+/// A stream a refusal can reset: the agent then sees a refusal at once
+/// rather than a hang or a clean close.
+pub trait Refusable {
+    fn reset_on_close(&self) {}
+}
+
+impl Refusable for tokio::net::TcpStream {
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<T> Refusable for hyper_util::rt::TokioIo<T> {}
+
+/// What to do with a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Terminate TLS for this (lower-case) name.
+    Terminate(String),
+    /// Serve it as cleartext HTTP (after reading enough to tell).
+    Cleartext,
+    /// Splice it; `scan`: the bytes are cleartext, check for placeholders.
+    Splice { scan: bool },
+    /// Refuse it, with a stable reason.
+    Refuse(&'static str),
+    /// Nothing to do (the client gave up).
+    Drop,
+}
+
+/// Decides what to do with a connection from its first bytes (pure).
+pub fn classify(
+    snapshot: &Snapshot,
+    verdict: &PeekVerdict,
+    destination: &Destination,
+    egress: EgressMode,
+) -> Route {
+    let splice = |scan| match egress {
+        EgressMode::Deny => Route::Refuse("egress_deny"),
+        EgressMode::Passthrough => Route::Splice { scan },
+    };
+    match verdict {
         PeekVerdict::ClientHello(hello) => {
             let sni = hello
                 .sni
                 .as_deref()
                 .and_then(|s| normalize_sni(s).ok())
                 .map(|s| s.into_owned());
-            let tunnel = destination.tunnel_host.as_deref();
+            let port = destination.port;
             let sni_covered = sni
                 .as_deref()
-                .is_some_and(|s| snapshot.covers(s, destination.port, true));
-            let tunnel_covered = tunnel.is_some_and(|t| snapshot.covers(t, destination.port, true));
+                .is_some_and(|s| snapshot.covers(s, port, true));
+            let tunnel = destination.tunnel_host.as_deref();
+            let tunnel_covered = tunnel.is_some_and(|t| snapshot.covers(t, port, true));
             match (sni, tunnel) {
-                (Some(sni), None) if sni_covered => {
-                    terminate(engine, stream, peeked.bytes, sni, destination, shutdown).await;
-                }
-                (Some(sni), Some(t)) if sni_covered && sni == t => {
-                    terminate(engine, stream, peeked.bytes, sni, destination, shutdown).await;
-                }
-                _ if sni_covered || tunnel_covered => {
-                    // A tunnel to a bound host must carry TLS for that very
-                    // name, and a bound name must come through its own
-                    // tunnel: anything else is refused, not spliced.
-                    engine.metrics.connection("refused");
-                    tracing::warn!(destination = %destination.dial,
-                        "TLS server name and CONNECT target disagree on a bound host; connection refused");
-                }
-                _ => passthrough(&engine, stream, peeked.bytes, &destination, false).await,
+                (Some(sni), None) if sni_covered => Route::Terminate(sni),
+                (Some(sni), Some(t)) if sni_covered && sni == t => Route::Terminate(sni),
+                // A tunnel to a bound host must carry TLS for that very
+                // name, and a bound name must come through its own tunnel:
+                // anything else is refused, not spliced.
+                _ if sni_covered || tunnel_covered => Route::Refuse("server_name_mismatch"),
+                _ => splice(false),
             }
         }
-        PeekVerdict::NotTls => {
+        PeekVerdict::NotTls => Route::Cleartext,
+        PeekVerdict::Malformed(_) | PeekVerdict::Silent => splice(true),
+        PeekVerdict::Stalled | PeekVerdict::Closed => Route::Drop,
+    }
+}
+
+/// Handles a connection whose first bytes `peeked` read from `stream`.
+pub async fn route<S>(
+    engine: Arc<Engine>,
+    stream: S,
+    peeked: Peeked,
+    destination: Destination,
+    guard: Arc<ConnGuard>,
+) where
+    S: AsyncRead + AsyncWrite + Refusable + Unpin + Send + 'static,
+{
+    let snapshot = engine.snapshot();
+    match classify(
+        &snapshot,
+        &peeked.verdict,
+        &destination,
+        engine.settings.egress,
+    ) {
+        Route::Terminate(sni) => {
+            terminate(engine, stream, peeked.bytes, sni, destination, guard).await;
+        }
+        Route::Cleartext => {
             let mut stream = stream;
             let mut bytes = peeked.bytes;
             match sniff_cleartext(&mut stream, &mut bytes, engine.settings.header_timeout).await {
@@ -113,28 +163,47 @@ pub async fn route<S>(
                         original: destination.original,
                         tunnel_host: destination.tunnel_host.clone(),
                         proxy_form: false,
+                        guard: Some(guard),
                     };
-                    crate::http::serve(
-                        Replay::new(bytes, stream),
-                        protocol,
-                        info,
-                        engine,
-                        shutdown,
-                    )
-                    .await;
+                    crate::exchange::serve(Replay::new(bytes, stream), protocol, info, engine)
+                        .await;
                 }
                 Sniff::Other | Sniff::NeedMore => {
-                    passthrough(&engine, stream, bytes, &destination, true).await;
+                    if engine.settings.egress == EgressMode::Deny {
+                        refuse(&engine, &stream, &destination, "egress_deny");
+                    } else {
+                        passthrough(&engine, stream, bytes, &destination, true).await;
+                    }
                 }
             }
         }
-        PeekVerdict::Malformed(_) | PeekVerdict::Silent => {
-            passthrough(&engine, stream, peeked.bytes, &destination, true).await;
+        Route::Splice { scan } => {
+            passthrough(&engine, stream, peeked.bytes, &destination, scan).await
         }
-        PeekVerdict::Stalled | PeekVerdict::Closed => {
-            engine.metrics.connection("abandoned");
-        }
+        Route::Refuse(reason) => refuse(&engine, &stream, &destination, reason),
+        Route::Drop => engine.metrics.connection("abandoned"),
     }
+}
+
+/// Refuses a connection: counted by cause, audited, and reset.
+fn refuse<S: Refusable>(
+    engine: &Engine,
+    stream: &S,
+    destination: &Destination,
+    reason: &'static str,
+) {
+    stream.reset_on_close();
+    engine.metrics.connection(match reason {
+        "egress_deny" => "refused_egress",
+        "strict_destination" => "refused_strict",
+        _ => "refused_mismatch",
+    });
+    let mut record = AuditRecord::new(&destination.dial.to_string(), "", "");
+    record.protocol = Some("tcp");
+    record.decision = Outcome::Refused;
+    record.reason = Some(reason);
+    engine.audit.record(record);
+    tracing::info!(destination = %destination.dial, reason, "connection refused");
 }
 
 /// Terminates TLS for a bound `sni` and serves HTTP on it.
@@ -144,25 +213,18 @@ async fn terminate<S>(
     prefix: Vec<u8>,
     sni: String,
     destination: Destination,
-    shutdown: CancellationToken,
+    guard: Arc<ConnGuard>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Refusable + Unpin + Send + 'static,
 {
     if engine.settings.strict_destination
         && let Some(original) = destination.original
+        && !resolves_to(&sni, destination.port, original).await
     {
-        let resolved = resolve(&sni, destination.port).await;
-        let matches = resolved.as_ref().is_ok_and(|addrs| {
-            addrs
-                .iter()
-                .any(|a| a.ip().to_canonical() == original.ip().to_canonical())
-        });
-        if !matches {
-            engine.metrics.connection("refused");
-            tracing::warn!(sni = %sni, original = %original,
-                "strict destination: the connection's destination is not an address of its name; refused");
-            return;
-        }
+        tracing::warn!(sni = %sni, original = %original,
+            "strict destination: the connection's destination is not an address of its name");
+        refuse(&engine, &stream, &destination, "strict_destination");
+        return;
     }
     let config = match engine.leaves.cached_config(&sni) {
         Some(config) => config,
@@ -204,7 +266,7 @@ async fn terminate<S>(
     if asked.as_deref() != Some(sni.as_str()) {
         // The TLS stack read another name than the router did: refuse
         // rather than guess which one is meant.
-        engine.metrics.connection("refused");
+        engine.metrics.connection("refused_mismatch");
         tracing::warn!(sni = %sni, "the TLS handshake names another server than its first bytes did; refused");
         return;
     }
@@ -228,13 +290,23 @@ async fn terminate<S>(
         original: destination.original,
         tunnel_host: destination.tunnel_host,
         proxy_form: false,
+        guard: Some(guard),
     };
-    crate::http::serve(tls, protocol, info, engine, shutdown).await;
+    crate::exchange::serve(tls, protocol, info, engine).await;
 }
 
-/// Splices a connection no binding covers to where it was going, or
-/// refuses it in `deny` mode. `scan`: the bytes are cleartext, so the
-/// agent's side is checked for placeholders.
+/// Whether `name` resolves to `original`'s address.
+pub async fn resolves_to(name: &str, port: u16, original: SocketAddr) -> bool {
+    resolve(name, port).await.is_ok_and(|addrs| {
+        addrs
+            .iter()
+            .any(|a| a.ip().to_canonical() == original.ip().to_canonical())
+    })
+}
+
+/// Splices a connection no binding covers to where it was going.
+/// `scan`: the bytes are cleartext, so the agent's side is checked for
+/// placeholders.
 async fn passthrough<S>(
     engine: &Arc<Engine>,
     stream: S,
@@ -244,11 +316,6 @@ async fn passthrough<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if engine.settings.egress == EgressMode::Deny {
-        engine.metrics.connection("refused");
-        tracing::info!(destination = %destination.dial, "egress is deny: connection to an unbound destination refused");
-        return;
-    }
     let timeout = engine.settings.connect_timeout;
     let upstream = match &destination.dial {
         Dial::Addr(addr) => dial(&addr.to_string(), &[*addr], timeout).await,
@@ -280,17 +347,16 @@ async fn passthrough<S>(
     )
     .await;
     if let SpliceEnd::Placeholder { binding } = end {
-        let id = snapshot
-            .bindings
-            .get(binding)
-            .map(|b| b.id.clone())
-            .unwrap_or_default();
+        let id = snapshot.binding_id(binding).unwrap_or("?").to_owned();
         let label = snapshot.label(binding);
-        engine.metrics.blocked(&label, "exfiltration_blocked");
-        let mut record = AuditRecord::new(destination.dial.to_string(), "", "");
-        record.decision = "exfiltration_blocked";
-        record.reason = Some(
-            "placeholder in a cleartext stream to an unbound destination; connection closed".into(),
+        engine.metrics.blocked(&label, "destination_not_bound");
+        let mut record = AuditRecord::new(&destination.dial.to_string(), "", "");
+        record.protocol = Some("tcp");
+        record.decision = Outcome::ExfiltrationBlocked;
+        record.reason = Some("destination_not_bound");
+        record.detail = Some(
+            "a placeholder in a cleartext stream to an unbound destination; connection closed"
+                .into(),
         );
         record.bindings = vec![Arc::from(id.as_str())];
         engine.audit.record(record);
@@ -423,6 +489,174 @@ async fn sniff_cleartext<S: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intercept::ClientHello;
+
+    fn snapshot_with_bound(host: &str, port: u16) -> Snapshot {
+        let bindings = credbroker_crds::config::SidecarBindings::from_json(&format!(
+            r#"{{"formatVersion":1,"bindings":[{{"id":"b","secret":{{"mount":"s","path":"p","key":"k"}},
+               "destinations":[{{"host":"{host}","port":{port}}}]}}]}}"#
+        ))
+        .unwrap()
+        .bindings;
+        let ca = {
+            let dir = tempfile::tempdir().unwrap();
+            crate::tls::PodCa::load_or_generate(dir.path())
+                .unwrap()
+                .cert_der()
+                .clone()
+        };
+        let tls = Arc::new(crate::tls::UpstreamTls::new(&[ca], &[]).unwrap());
+        let settings = crate::upstream::UpstreamSettings {
+            connect_timeout: std::time::Duration::from_secs(1),
+            handshake_timeout: std::time::Duration::from_secs(1),
+            max_header_bytes: 65536,
+        };
+        Snapshot {
+            labels: vec![crate::metrics::BindingLabel(Arc::from("b"))],
+            bindings,
+            placeholders: Arc::new(crate::substitute::PlaceholderSet::empty()),
+            secrets: vec![crate::engine::Slot::State(
+                crate::store::SecretState::Pending,
+            )],
+            echo: Arc::new(crate::echo::EchoDetector::empty()),
+            upstreams: Arc::new(crate::upstream::Upstreams::new(
+                tls,
+                crate::upstream::DestinationTrust::default(),
+                settings,
+            )),
+        }
+    }
+
+    fn hello(sni: Option<&str>) -> PeekVerdict {
+        PeekVerdict::ClientHello(ClientHello {
+            sni: sni.map(str::to_owned),
+            alpn: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn connections_are_terminated_spliced_or_refused_as_the_table_says() {
+        let snap = snapshot_with_bound("api.bound.test", 443);
+        let transparent = |port| Destination {
+            port,
+            dial: Dial::Addr(SocketAddr::from(([10, 0, 0, 1], port))),
+            original: Some(SocketAddr::from(([10, 0, 0, 1], port))),
+            tunnel_host: None,
+        };
+        let tunnel = |host: &str, port| Destination {
+            port,
+            dial: Dial::Name(host.into(), port),
+            original: None,
+            tunnel_host: Some(host.into()),
+        };
+        use EgressMode::{Deny, Passthrough};
+        let cases: Vec<(PeekVerdict, Destination, EgressMode, Route)> = vec![
+            (
+                hello(Some("api.bound.test")),
+                transparent(443),
+                Passthrough,
+                Route::Terminate("api.bound.test".into()),
+            ),
+            (
+                hello(Some("API.Bound.Test.")),
+                transparent(443),
+                Deny,
+                Route::Terminate("api.bound.test".into()),
+            ),
+            (
+                hello(Some("api.bound.test")),
+                transparent(8443),
+                Passthrough,
+                Route::Splice { scan: false },
+            ),
+            (
+                hello(Some("other.test")),
+                transparent(443),
+                Passthrough,
+                Route::Splice { scan: false },
+            ),
+            (
+                hello(Some("other.test")),
+                transparent(443),
+                Deny,
+                Route::Refuse("egress_deny"),
+            ),
+            (
+                hello(None),
+                transparent(443),
+                Passthrough,
+                Route::Splice { scan: false },
+            ),
+            (
+                hello(None),
+                transparent(443),
+                Deny,
+                Route::Refuse("egress_deny"),
+            ),
+            (PeekVerdict::NotTls, transparent(80), Deny, Route::Cleartext),
+            (
+                PeekVerdict::Silent,
+                transparent(25),
+                Passthrough,
+                Route::Splice { scan: true },
+            ),
+            (
+                PeekVerdict::Silent,
+                transparent(25),
+                Deny,
+                Route::Refuse("egress_deny"),
+            ),
+            (
+                PeekVerdict::Malformed("x"),
+                transparent(443),
+                Passthrough,
+                Route::Splice { scan: true },
+            ),
+            (
+                PeekVerdict::Stalled,
+                transparent(443),
+                Passthrough,
+                Route::Drop,
+            ),
+            (
+                hello(Some("api.bound.test")),
+                tunnel("api.bound.test", 443),
+                Passthrough,
+                Route::Terminate("api.bound.test".into()),
+            ),
+            (
+                hello(Some("other.test")),
+                tunnel("api.bound.test", 443),
+                Passthrough,
+                Route::Refuse("server_name_mismatch"),
+            ),
+            (
+                hello(None),
+                tunnel("api.bound.test", 443),
+                Passthrough,
+                Route::Refuse("server_name_mismatch"),
+            ),
+            (
+                hello(Some("api.bound.test")),
+                tunnel("other.test", 443),
+                Passthrough,
+                Route::Refuse("server_name_mismatch"),
+            ),
+            (
+                hello(Some("other.test")),
+                tunnel("other.test", 443),
+                Passthrough,
+                Route::Splice { scan: false },
+            ),
+        ];
+        for (verdict, destination, egress, want) in cases {
+            assert_eq!(
+                classify(&snap, &verdict, &destination, egress),
+                want,
+                "{verdict:?} {destination:?} {egress:?}"
+            );
+        }
+    }
 
     #[test]
     fn cleartext_http_is_told_from_other_protocols() {

@@ -1,18 +1,17 @@
-//! Starting and stopping `proxy` and `local`: harden the process, load the
-//! trust and the pod CA, write the agent's trust bundle, start the engine,
-//! listen, and on SIGTERM drain open connections before exiting.
+//! Starting and stopping `proxy` and `local`: harden the process, check
+//! the settings, load the trust and the pod CA, write the agent's trust
+//! bundle, start the engine, listen, and on SIGTERM drain open connections
+//! before exiting.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::watch;
 
 use crate::audit::AuditLog;
-use crate::config::{self, ConfigFiles, EngineArgs, LogFormat, SecretSourceKind};
+use crate::config::{self, ConfigFiles, EngineArgs, LogFormat, Resolved, SecretSourceKind};
 use crate::engine::{Engine, EngineSettings};
 use crate::metrics::Metrics;
 use crate::source::SecretSource;
@@ -20,8 +19,9 @@ use crate::store::{SecretStore, StoreSettings};
 use crate::tls::{LeafCertCache, PodCa, UpstreamTls};
 use crate::{Error, Result};
 
-/// The default port of the admin endpoints in a pod.
-pub const DEFAULT_ADMIN_PORT: u16 = 15021;
+/// The default port of the admin endpoints in a pod (outside the
+/// 15000-15090 range Istio takes).
+pub const DEFAULT_ADMIN_PORT: u16 = 15121;
 /// The default port of the local proxy.
 pub const DEFAULT_LOCAL_PORT: u16 = 15080;
 
@@ -30,9 +30,15 @@ pub const DEFAULT_LOCAL_PORT: u16 = 15080;
 pub struct ProxyArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// The port the pod's redirected TCP arrives on (127.0.0.1 and [::1]).
+    /// The port the pod's redirected TCP arrives on (127.0.0.1 and [::1]);
+    /// the same as `init --proxy-port`.
     #[arg(long, env = "CREDBROKER_PROXY_PORT", default_value_t = crate::init::DEFAULT_PROXY_PORT)]
     pub proxy_port: u16,
+    /// The UID `init` exempted from capture (`init --proxy-uid`): the
+    /// sidecar refuses to start as any other, or its own upstream
+    /// connections would be captured and loop back into it.
+    #[arg(long, env = "CREDBROKER_PROXY_UID", default_value_t = crate::init::DEFAULT_PROXY_UID)]
+    pub proxy_uid: u32,
     /// The bindings (the controller's ConfigMap key); absent means none.
     #[arg(
         long,
@@ -90,9 +96,9 @@ pub fn harden(max_connections: usize) -> Result<()> {
 
 /// Logs to stderr, as text or JSON lines; `RUST_LOG` filters (default info).
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -120,6 +126,8 @@ fn settings(args: &EngineArgs) -> EngineSettings {
     }
 }
 
+/// The secret source the flags ask for (checked before anything is
+/// written, so a wrong source fails fast).
 fn secret_source(args: &EngineArgs) -> Result<Arc<dyn SecretSource>> {
     match args.secret_source {
         SecretSourceKind::File => {
@@ -136,19 +144,21 @@ fn secret_source(args: &EngineArgs) -> Result<Arc<dyn SecretSource>> {
             Ok(Arc::new(crate::source::file::FileSource::new(dir)))
         }
         SecretSourceKind::Vault => Err(Error::NotImplemented(
-            "the Vault secret source (issue 4); use --secret-source file --secrets-dir DIR",
+            "the Vault secret source; until it lands, use --secret-source file --secrets-dir DIR",
         )),
     }
 }
 
-/// What both modes start before they listen.
-struct Started {
-    engine: Arc<Engine>,
-    config_tx: watch::Sender<Option<Arc<config::Config>>>,
-}
-
-async fn start(args: &EngineArgs, files: ConfigFiles, local: bool) -> Result<Started> {
+/// Everything the engine needs, built from the settings: the order matters
+/// only in that nothing is written before every setting checked out.
+async fn start(
+    args: &EngineArgs,
+    dirs: &Resolved,
+    files: ConfigFiles,
+    local: bool,
+) -> Result<Arc<Engine>> {
     args.validate()?;
+    let source = secret_source(args)?;
     let extra_cas = load_extra_cas(&args.extra_ca_files)?;
     let system_roots = match crate::tls::system_roots() {
         Ok(roots) => roots,
@@ -161,11 +171,15 @@ async fn start(args: &EngineArgs, files: ConfigFiles, local: bool) -> Result<Sta
         Err(e) => return Err(e),
     };
     let upstream_tls = Arc::new(UpstreamTls::new(&system_roots, &extra_cas)?);
-    let ca = Arc::new(PodCa::load_or_generate(&args.ca_dir)?);
-    let summary = crate::tls::write_bundle(&args.bundle_dir, &ca, &system_roots, &extra_cas)?;
+    let ca = Arc::new(
+        PodCa::load_or_generate(&dirs.ca_dir)
+            .map_err(|e| Error::Config(format!("--ca-dir {}: {e}", dirs.ca_dir.display())))?,
+    );
+    let summary = crate::tls::write_bundle(&dirs.bundle_dir, &ca, &system_roots, &extra_cas)
+        .map_err(|e| Error::Config(format!("--bundle-dir {}: {e}", dirs.bundle_dir.display())))?;
     tracing::info!(
         ca = ?ca.origin(),
-        bundle = %args.bundle_dir.display(),
+        bundle = %dirs.bundle_dir.display(),
         certificates = summary.bundle_certs,
         "trust bundle written for agents"
     );
@@ -180,7 +194,7 @@ async fn start(args: &EngineArgs, files: ConfigFiles, local: bool) -> Result<Sta
         metrics.clone(),
     )?;
     let store = SecretStore::new(
-        secret_source(args)?,
+        source,
         StoreSettings {
             max_staleness: args.max_staleness,
             echo_grace: args.echo_grace,
@@ -190,6 +204,7 @@ async fn start(args: &EngineArgs, files: ConfigFiles, local: bool) -> Result<Sta
     );
     let engine = Engine::new(
         settings(args),
+        args.max_connections,
         metrics.clone(),
         audit,
         leaves,
@@ -220,25 +235,14 @@ async fn start(args: &EngineArgs, files: ConfigFiles, local: bool) -> Result<Sta
     };
     let (config_tx, config_rx) = watch::channel(initial);
     tokio::spawn(engine.clone().run_builder(config_rx));
-    // The watcher publishes into a channel of plain configs; forward them.
-    let (watch_tx, mut watch_rx) = watch::channel(Arc::new(config::Config::empty()));
     tokio::spawn(config::watch_config(
         files,
         contents,
         args.reload_interval,
-        watch_tx,
+        config_tx,
         metrics.clone(),
     ));
-    {
-        let config_tx = config_tx.clone();
-        tokio::spawn(async move {
-            while watch_rx.changed().await.is_ok() {
-                let config = watch_rx.borrow_and_update().clone();
-                config_tx.send_replace(Some(config));
-            }
-        });
-    }
-    Ok(Started { engine, config_tx })
+    Ok(engine)
 }
 
 fn load_extra_cas(files: &[PathBuf]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
@@ -263,13 +267,6 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
     })
 }
 
-/// Whether IPv6 is usable in this network namespace.
-fn ipv6_enabled() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
-        .map(|v| v.trim() == "0")
-        .unwrap_or(false)
-}
-
 /// Waits for SIGTERM or SIGINT.
 async fn terminated() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -289,32 +286,45 @@ async fn terminated() {
 }
 
 /// Stops accepting, lets open connections finish for the drain timeout,
-/// then returns.
-async fn drain(engine: &Engine, shutdown: CancellationToken, tracker: TaskTracker) {
+/// then writes out the audit log.
+async fn drain(engine: &Engine) {
     tracing::info!(drain = ?engine.settings.drain_timeout, "shutting down: draining open connections");
-    shutdown.cancel();
-    tracker.close();
-    if tokio::time::timeout(engine.settings.drain_timeout, tracker.wait())
+    engine.shutdown.cancel();
+    engine.tasks.close();
+    if tokio::time::timeout(engine.settings.drain_timeout, engine.tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
-    engine.audit.clone().close();
+    let audit = engine.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Runs `credbroker-sidecar proxy` until SIGTERM.
 pub async fn run_proxy(args: ProxyArgs) -> Result<()> {
     harden(args.engine.max_connections)?;
-    init_logging(args.engine.log_format);
+    let dirs = args.engine.resolve(false, None, None)?;
+    init_logging(dirs.log_format);
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid != args.proxy_uid {
+        return Err(Error::Config(format!(
+            "running as UID {uid}, but init exempts UID {} from capture (--proxy-uid): the \
+             sidecar's own connections would be captured and loop back into it",
+            args.proxy_uid
+        )));
+    }
     let files = ConfigFiles::Pod {
         bindings: args.bindings_file.clone(),
         placeholders: args.placeholders_file.clone(),
     };
-    let Started { engine, config_tx } = start(&args.engine, files, false).await?;
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(args.engine.max_connections));
+    let engine = start(&args.engine, &dirs, files, false).await?;
 
     let mut listeners = vec![
         bind(
@@ -323,9 +333,10 @@ pub async fn run_proxy(args: ProxyArgs) -> Result<()> {
         )
         .await?,
     ];
-    if ipv6_enabled() {
-        // With IPv6 on, redirected IPv6 must land somewhere: failing to
-        // listen is fatal, or IPv6 egress would fail without a word.
+    // The same test init makes: with IPv6 on, redirected IPv6 must land
+    // somewhere, so failing to listen is fatal (IPv6 egress would fail
+    // without a word).
+    if crate::init::ipv6_enabled(Path::new("/proc/sys/net/ipv6/conf"))? {
         listeners.push(
             bind(
                 (Ipv6Addr::LOCALHOST, args.proxy_port).into(),
@@ -335,13 +346,7 @@ pub async fn run_proxy(args: ProxyArgs) -> Result<()> {
         );
     }
     for listener in listeners {
-        tokio::spawn(crate::proxy::accept_loop(
-            engine.clone(),
-            listener,
-            limit.clone(),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(crate::proxy::serve(engine.clone(), listener));
     }
     let admin_addr = args.engine.admin_addr.unwrap_or(SocketAddr::new(
         IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -359,18 +364,22 @@ pub async fn run_proxy(args: ProxyArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    tokio::spawn(crate::admin::serve(engine.clone(), admin, shutdown.clone()));
+    tokio::spawn(crate::admin::serve(engine.clone(), admin));
     tracing::info!(port = args.proxy_port, admin = %admin_addr, egress = ?args.engine.egress, "proxy listening");
     terminated().await;
-    drop(config_tx);
-    drain(&engine, shutdown, tracker).await;
+    drain(&engine).await;
     Ok(())
 }
 
 /// Runs `credbroker-sidecar local` until SIGTERM or Ctrl-C.
 pub async fn run_local(args: LocalArgs) -> Result<()> {
     harden(args.engine.max_connections)?;
-    init_logging(args.engine.log_format);
+    let dirs = args.engine.resolve(
+        true,
+        env_path("HOME").as_deref(),
+        env_path("XDG_STATE_HOME").as_deref(),
+    )?;
+    init_logging(dirs.log_format);
     if !args.listen.ip().is_loopback() {
         return Err(Error::Config(format!(
             "--listen {}: local mode listens on loopback only (127.0.0.1 or [::1])",
@@ -378,30 +387,20 @@ pub async fn run_local(args: LocalArgs) -> Result<()> {
         )));
     }
     let files = ConfigFiles::Local(args.config.clone());
-    let Started { engine, config_tx } = start(&args.engine, files, true).await?;
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(args.engine.max_connections));
+    let engine = start(&args.engine, &dirs, files, true).await?;
     let listener = bind(args.listen, "local proxy").await?;
     let listening = listener.local_addr().unwrap_or(args.listen);
-    tokio::spawn(crate::local::accept_loop(
-        engine.clone(),
-        listener,
-        limit,
-        tracker.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(crate::local::serve(engine.clone(), listener));
     if let Some(admin_addr) = args.engine.admin_addr {
         let admin = bind(admin_addr, "admin").await?;
-        tokio::spawn(crate::admin::serve(engine.clone(), admin, shutdown.clone()));
+        tokio::spawn(crate::admin::serve(engine.clone(), admin));
     }
     tracing::info!(
         listen = %listening,
-        bundle = %args.engine.bundle_dir.join(crate::tls::bundle::BUNDLE_FILE).display(),
+        bundle = %dirs.bundle_dir.join(crate::tls::bundle::BUNDLE_FILE).display(),
         "local proxy listening: use HTTPS_PROXY=http://{listening} and trust the bundle"
     );
     terminated().await;
-    drop(config_tx);
-    drain(&engine, shutdown, tracker).await;
+    drain(&engine).await;
     Ok(())
 }

@@ -30,6 +30,12 @@ use crate::metrics::Metrics;
 use crate::secret::SecretForms;
 use crate::source::{Fetched, Revision, SecretSource, SourceError, display_path};
 
+/// The least time between two immediate reads of one binding.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// Reads of the secret source in flight at once, all bindings together, so
+/// a start-up with many bindings does not hit the source all at once.
+const MAX_CONCURRENT_READS: usize = 16;
+
 /// The longest value brokered. Real credentials are far shorter; the echo
 /// detector holds back about six times this per response stream.
 pub const MAX_SECRET_LEN: usize = 8 * 1024;
@@ -64,8 +70,9 @@ impl Default for StoreSettings {
 pub struct Secret {
     forms: SecretForms,
     revision: Revision,
-    /// Until when the value may be used (ms since the store's epoch):
-    /// pushed forward by every successful read, so a source outage ends it.
+    /// Until when the value may be used (ms since the store's epoch): the
+    /// next expected read (`refreshInterval`) plus `max_staleness`, pushed
+    /// forward by every successful read, so a source outage ends it.
     usable_until_ms: AtomicU64,
     epoch: Instant,
 }
@@ -160,6 +167,8 @@ struct Entry {
     /// Whether this binding has ever been read successfully.
     loaded_once: bool,
     refresh_now: Arc<Notify>,
+    /// When an immediate read was last asked for (they are rate-limited).
+    last_forced: Option<Instant>,
     task: Option<AbortHandle>,
 }
 
@@ -169,6 +178,7 @@ pub struct SecretStore {
     settings: StoreSettings,
     metrics: Arc<Metrics>,
     epoch: Instant,
+    reads: tokio::sync::Semaphore,
     inner: Mutex<Inner>,
     /// Bumped on every change; the engine rebuilds its snapshot on it.
     changed: watch::Sender<u64>,
@@ -185,6 +195,7 @@ impl SecretStore {
             settings,
             metrics,
             epoch: Instant::now(),
+            reads: tokio::sync::Semaphore::new(MAX_CONCURRENT_READS),
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
         })
@@ -209,7 +220,13 @@ impl SecretStore {
         let grace_end = now + self.settings.echo_grace;
         let Inner { entries, retired } = &mut *inner;
         entries.retain(|id, entry| {
-            let keep = wanted.iter().any(|w| w.id == *id && *w == entry.wanted);
+            // The same secret under the same id keeps its value, whatever
+            // else changed (a new refreshInterval must not turn a good value
+            // into 503s until the next read, or into a failure if the source
+            // is down just then).
+            let keep = wanted
+                .iter()
+                .any(|w| w.id == *id && w.secret == entry.wanted.secret);
             if !keep {
                 if let Some(task) = entry.task.take() {
                     task.abort();
@@ -227,7 +244,22 @@ impl SecretStore {
         });
         retired.retain(|(_, _, until)| *until > now);
         for w in wanted {
-            if entries.contains_key(&w.id) {
+            if let Some(entry) = entries.get_mut(&w.id) {
+                if entry.wanted != *w {
+                    // Only the interval changed: a new refresher, same value.
+                    if let Some(task) = entry.task.take() {
+                        task.abort();
+                    }
+                    entry.wanted = w.clone();
+                    entry.task = Some(
+                        tokio::spawn(refresher(
+                            Arc::downgrade(self),
+                            w.clone(),
+                            entry.refresh_now.clone(),
+                        ))
+                        .abort_handle(),
+                    );
+                }
                 continue;
             }
             let refresh_now = Arc::new(Notify::new());
@@ -245,6 +277,7 @@ impl SecretStore {
                     previous: Vec::new(),
                     loaded_once: false,
                     refresh_now,
+                    last_forced: None,
                     task: Some(task),
                 },
             );
@@ -257,8 +290,17 @@ impl SecretStore {
     }
 
     /// Asks for an immediate read of `id` (an upstream refused the value).
+    /// At most one per [`FORCED_REFRESH_INTERVAL`] per binding: the agent
+    /// decides which requests get a 401 or 403, and must not be able to
+    /// drive reads of the secret source at its own pace.
     pub fn refresh_now(&self, id: &str) {
-        if let Some(entry) = self.lock().entries.get(id) {
+        let now = Instant::now();
+        if let Some(entry) = self.lock().entries.get_mut(id)
+            && entry
+                .last_forced
+                .is_none_or(|t| now.saturating_duration_since(t) >= FORCED_REFRESH_INTERVAL)
+        {
+            entry.last_forced = Some(now);
             entry.refresh_now.notify_one();
         }
     }
@@ -266,7 +308,12 @@ impl SecretStore {
     /// Every binding's state, and the values still in their grace period.
     pub fn view(&self) -> StoreView {
         let now = Instant::now();
-        let inner = self.lock();
+        let mut inner = self.lock();
+        // Replaced values past their grace period are dropped (and wiped).
+        inner.retired.retain(|(_, _, until)| *until > now);
+        for entry in inner.entries.values_mut() {
+            entry.previous.retain(|(_, until)| *until > now);
+        }
         let mut view = StoreView {
             states: HashMap::with_capacity(inner.entries.len()),
             previous: Vec::new(),
@@ -318,7 +365,7 @@ impl SecretStore {
         let (next, ok, changed) = match outcome {
             Ok(Fetched::Unchanged) => {
                 if let SecretState::Ready(secret) = &entry.state {
-                    secret.confirm(now, self.settings.max_staleness);
+                    secret.confirm(now, wanted.refresh + self.settings.max_staleness);
                     self.metrics
                         .secret_refreshed(id, "unchanged", secret.version());
                     (known, true, false)
@@ -350,7 +397,7 @@ impl SecretStore {
                         usable_until_ms: AtomicU64::new(0),
                         epoch: self.epoch,
                     });
-                    secret.confirm(now, self.settings.max_staleness);
+                    secret.confirm(now, wanted.refresh + self.settings.max_staleness);
                     let first = !entry.loaded_once;
                     self.set_state(entry, now, SecretState::Ready(secret));
                     entry.loaded_once = true;
@@ -454,6 +501,7 @@ async fn refresher(store: std::sync::Weak<SecretStore>, wanted: Wanted, refresh_
         };
         let timeout = strong.settings.read_timeout;
         let path = display_path(&wanted.secret);
+        let permit = strong.reads.acquire().await;
         let read = strong.source.read(&wanted.secret, known);
         let outcome = match tokio::time::timeout(timeout, read).await {
             Ok(outcome) => outcome,
@@ -462,6 +510,7 @@ async fn refresher(store: std::sync::Weak<SecretStore>, wanted: Wanted, refresh_
                 reason: format!("no answer within {timeout:?}"),
             }),
         };
+        drop(permit);
         let (next, ok) = strong.apply(&wanted, known, outcome);
         known = next;
         let delay = if ok {
@@ -625,9 +674,10 @@ mod tests {
             panic!("dropped too early")
         };
         assert!(s.usable_at(Instant::now()));
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
         settle().await;
-        // Past max_staleness: refused, whether or not a read has come back.
+        // Past the next expected read plus max_staleness: refused, whether
+        // or not a read has come back.
         assert!(!s.usable_at(Instant::now()));
         assert!(matches!(state(&store), SecretState::Failed(_)));
         // Recovery without a restart.
@@ -647,6 +697,53 @@ mod tests {
         };
         assert_eq!(f.step, "deleted");
         assert_eq!(f.message, "secret/p: the current version was deleted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_interval_longer_than_the_staleness_keeps_a_healthy_value_usable() {
+        let (store, _) = store(Ok((b"value-one-123", 1)), Duration::from_secs(5));
+        let mut hourly = wanted();
+        hourly.refresh = Duration::from_secs(3600);
+        store.sync(&[hourly.clone()]);
+        settle().await;
+        let SecretState::Ready(s) = state(&store) else {
+            panic!("not ready")
+        };
+        tokio::time::sleep(Duration::from_secs(1800)).await;
+        assert!(
+            s.usable_at(Instant::now()),
+            "a value read half an hour ago, due again in half an hour"
+        );
+        // A changed interval keeps the value.
+        hourly.refresh = Duration::from_secs(60);
+        store.sync(&[hourly]);
+        assert!(
+            matches!(state(&store), SecretState::Ready(_)),
+            "the value was dropped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_reads_are_rate_limited() {
+        let (store, source) = store(Ok((b"value-one-123", 1)), Duration::from_secs(5));
+        let mut slow = wanted();
+        slow.refresh = Duration::from_secs(3600);
+        store.sync(&[slow]);
+        settle().await;
+        let after_first = source.reads.load(Ordering::SeqCst);
+        for _ in 0..50 {
+            store.refresh_now("b");
+            settle().await;
+        }
+        assert_eq!(
+            source.reads.load(Ordering::SeqCst),
+            after_first + 1,
+            "more than one forced read"
+        );
+        tokio::time::sleep(FORCED_REFRESH_INTERVAL).await;
+        store.refresh_now("b");
+        settle().await;
+        assert_eq!(source.reads.load(Ordering::SeqCst), after_first + 2);
     }
 
     #[tokio::test(start_paused = true)]

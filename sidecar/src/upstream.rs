@@ -177,7 +177,7 @@ pub struct Connector {
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Conn>;
+    type Response = TokioIo<UpstreamConn>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -192,7 +192,7 @@ impl tower_service::Service<Uri> for Connector {
 }
 
 impl Connector {
-    async fn connect(&self, uri: Uri) -> Result<TokioIo<Conn>, UpstreamError> {
+    async fn connect(&self, uri: Uri) -> Result<TokioIo<UpstreamConn>, UpstreamError> {
         let https = uri.scheme_str() == Some("https");
         let host = uri.host().unwrap_or_default().to_owned();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -200,7 +200,7 @@ impl Connector {
         let addrs = resolve(&host, port).await?;
         let tcp = dial(&what, &addrs, self.connect_timeout).await?;
         if !https {
-            return Ok(TokioIo::new(Conn::Plain(tcp)));
+            return Ok(TokioIo::new(UpstreamConn::Plain(tcp)));
         }
         let extra = self.trust.for_host(&host, port);
         let tls = tokio::time::timeout(
@@ -220,17 +220,17 @@ impl Connector {
             step: "tls",
             message: e.to_string(),
         })?;
-        Ok(TokioIo::new(Conn::Tls(Box::new(tls))))
+        Ok(TokioIo::new(UpstreamConn::Tls(Box::new(tls))))
     }
 }
 
 /// A connection to an upstream.
-pub enum Conn {
+pub enum UpstreamConn {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Connection for Conn {
+impl Connection for UpstreamConn {
     fn connected(&self) -> Connected {
         match self {
             Self::Plain(_) => Connected::new(),
@@ -246,7 +246,7 @@ impl Connection for Conn {
     }
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for UpstreamConn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -259,7 +259,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for UpstreamConn {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -548,7 +548,7 @@ async fn running_init_again_leaves_identical_rules_and_converges_leftovers() {
         }
     }
     assert!(first_v4.contains("-d 10.96.0.0/12") && !first_v4.contains("fd00:10::/64"));
-    assert!(first_v6.contains("-d fd00:10::/64") && first_v6.contains("REDIRECT --to-ports 15001"));
+    assert!(first_v6.contains("-d fd00:10::/64") && first_v6.contains("REDIRECT --to-ports 15101"));
     assert!(
         !pod.saved_rules("iptables-legacy-save")
             .contains("CREDBROKER")
@@ -611,11 +611,11 @@ async fn the_legacy_backend_is_used_when_the_namespace_already_uses_it() {
     assert!(stdout.contains("iptables-legacy-restore"), "{stdout}");
     assert!(
         pod.saved_rules("iptables-legacy-save")
-            .contains("-j REDIRECT --to-ports 15001")
+            .contains("-j REDIRECT --to-ports 15101")
     );
     assert!(
         pod.saved_rules("ip6tables-legacy-save")
-            .contains("-j REDIRECT --to-ports 15001")
+            .contains("-j REDIRECT --to-ports 15101")
     );
     assert!(!pod.saved_rules("iptables-nft-save").contains("CREDBROKER"));
 
@@ -636,7 +636,7 @@ async fn the_legacy_backend_is_used_when_the_namespace_already_uses_it() {
     pod.init_ok(&["--backend", "nft"]).await;
     assert!(
         pod.saved_rules("iptables-nft-save")
-            .contains("-j REDIRECT --to-ports 15001")
+            .contains("-j REDIRECT --to-ports 15101")
     );
 
     let paths = pod.namespace_paths();

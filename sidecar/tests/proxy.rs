@@ -407,7 +407,7 @@ async fn a_placeholder_toward_another_bound_host_or_a_disallowed_method_or_path_
     let metrics = w.pod.metrics()?;
     assert!(
         metrics.contains(
-            r#"credbroker_sidecar_blocked_total{binding="alpha",reason="exfiltration_blocked"}"#
+            r#"credbroker_sidecar_blocked_total{binding="alpha",reason="destination_not_bound"}"#
         ),
         "{metrics}"
     );
@@ -750,10 +750,11 @@ async fn an_upstream_with_an_invalid_certificate_fails_clearly_and_gets_no_secre
     assert_eq!(reply.status, 502, "{reply:?}");
     let answer: serde_json::Value = serde_json::from_str(&reply.body)?;
     assert_eq!(answer["error"], "upstream_error");
-    let reason = answer["reason"].as_str().unwrap();
+    assert_eq!(answer["reason"], "tls");
+    let detail = answer["detail"].as_str().unwrap();
     assert!(
-        reason.contains(BAD_HOST) && reason.contains("certificate"),
-        "{reason}"
+        detail.contains(BAD_HOST) && detail.contains("certificate"),
+        "{detail}"
     );
     assert_eq!(w.bad.request_count(), 0);
     assert!(

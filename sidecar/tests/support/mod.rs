@@ -32,7 +32,7 @@ use credbroker_test_support::upstream::{Behaviour, Upstream};
 pub const SIDECAR: &str = env!("CARGO_BIN_EXE_credbroker-sidecar");
 pub const AGENT: RunAs = RunAs::new(2000, 2000);
 pub const PROXY: RunAs = RunAs::new(DEFAULT_PROXY_UID, DEFAULT_PROXY_GID);
-pub const ADMIN_PORT: u16 = 15021;
+pub const ADMIN_PORT: u16 = credbroker_sidecar::run::DEFAULT_ADMIN_PORT;
 pub const LOCAL_PORT: u16 = 15080;
 
 /// A test failure that prints the error's message (which says what is
@@ -273,8 +273,8 @@ impl Pod {
             .exec(SIDECAR)
             .user(PROXY)
             .args(&args)
-            .env("POD_NAME", "agent-0")
-            .env("POD_NAMESPACE", "agents")
+            .env("CREDBROKER_POD_NAME", "agent-0")
+            .env("CREDBROKER_POD_NAMESPACE", "agents")
             .spawn("credbroker-sidecar")?;
         self.sidecar = Some(child);
         Ok(())

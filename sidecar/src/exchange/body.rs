@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::echo::{EchoDetector, EchoFound, EchoStream};
@@ -43,10 +43,13 @@ impl std::error::Error for BodyError {}
 /// What happened to a request body, read by the handler after the fact.
 #[derive(Debug, Default)]
 pub struct RequestBodyOutcome {
-    /// Set when a placeholder was refused: `(binding, reason)`.
+    /// Set when a placeholder was refused: `(binding, reason code)`.
     blocked: OnceLock<(usize, &'static str)>,
     /// The bindings swapped into the body.
     swapped: Mutex<BindingSet>,
+    /// Notified once the body ended (or failed): the upstream's time to
+    /// answer counts from then.
+    ended: tokio::sync::Notify,
 }
 
 impl RequestBodyOutcome {
@@ -60,9 +63,25 @@ impl RequestBodyOutcome {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    /// Resolves once the body has ended.
+    pub async fn ended(&self) {
+        self.ended.notified().await;
+    }
+
+    fn end(&self) {
+        // notify_one keeps a permit for a waiter that comes later.
+        self.ended.notify_one();
+    }
 }
 
+/// The code a refused placeholder is reported with when its binding was
+/// allowed on the body but its value stopped being usable mid-body.
+pub const SECRET_UNAVAILABLE_MID_BODY: &str = "secret_unavailable_mid_body";
+
 enum Scan {
+    /// Forwarded as it is (no placeholder can be in it).
+    Pass,
     Swap(BodyReplacer<Arc<PlaceholderSet>, Lookup<Arc<Snapshot>>>),
     Detect(BodyReplacer<Arc<PlaceholderSet>, NoSecrets>),
 }
@@ -70,6 +89,7 @@ enum Scan {
 impl Scan {
     fn feed(&mut self, chunk: Bytes) -> Result<Bytes, crate::substitute::SubstituteError> {
         match self {
+            Self::Pass => Ok(chunk),
             Self::Swap(r) => r.feed(chunk),
             Self::Detect(r) => r.feed(chunk),
         }
@@ -77,6 +97,7 @@ impl Scan {
 
     fn finish(&mut self) -> Result<Bytes, crate::substitute::SubstituteError> {
         match self {
+            Self::Pass => Ok(Bytes::new()),
             Self::Swap(r) => r.finish(),
             Self::Detect(r) => r.finish(),
         }
@@ -85,8 +106,13 @@ impl Scan {
     fn seen(&self) -> Option<&BindingSet> {
         match self {
             Self::Swap(r) => Some(r.seen()),
-            Self::Detect(_) => None,
+            Self::Pass | Self::Detect(_) => None,
         }
+    }
+
+    /// Whether it may change the length (only a swap does).
+    fn changes_length(&self) -> bool {
+        matches!(self, Self::Swap(_))
     }
 }
 
@@ -117,11 +143,15 @@ impl Idle {
     }
 }
 
-/// The agent's request body, scanned on its way to the upstream.
+/// The agent's request body on its way to the upstream: passed, scanned,
+/// or scanned and swapped.
 pub struct ToUpstream<B> {
     inner: B,
     scan: Scan,
     set: Arc<PlaceholderSet>,
+    /// The bindings allowed on this body (to tell a stale value from an
+    /// exfiltration attempt).
+    allowed: BindingSet,
     outcome: Arc<RequestBodyOutcome>,
     idle: Idle,
     /// A frame to send before polling `inner` again (trailers after the
@@ -130,7 +160,19 @@ pub struct ToUpstream<B> {
     done: bool,
 }
 
-impl<B> ToUpstream<B> {
+impl<B: Body> ToUpstream<B> {
+    /// Forwards the body unchanged (no placeholder can be in it).
+    pub fn passing(inner: B, outcome: Arc<RequestBodyOutcome>, idle: Duration) -> Self {
+        Self::new(
+            inner,
+            Scan::Pass,
+            Arc::new(PlaceholderSet::empty()),
+            BindingSet::new(),
+            outcome,
+            idle,
+        )
+    }
+
     /// Swaps placeholders of the bindings `lookup` allows; refuses others.
     pub fn swapping(
         inner: B,
@@ -139,10 +181,12 @@ impl<B> ToUpstream<B> {
         outcome: Arc<RequestBodyOutcome>,
         idle: Duration,
     ) -> Self {
+        let allowed = lookup.allowed.clone();
         Self::new(
             inner,
             Scan::Swap(BodyReplacer::replacing(set.clone(), lookup)),
             set,
+            allowed,
             outcome,
             idle,
         )
@@ -159,6 +203,7 @@ impl<B> ToUpstream<B> {
             inner,
             Scan::Detect(BodyReplacer::detecting(set.clone())),
             set,
+            BindingSet::new(),
             outcome,
             idle,
         )
@@ -168,27 +213,45 @@ impl<B> ToUpstream<B> {
         inner: B,
         scan: Scan,
         set: Arc<PlaceholderSet>,
+        allowed: BindingSet,
         outcome: Arc<RequestBodyOutcome>,
         idle: Duration,
     ) -> Self {
+        let done = inner.is_end_stream();
+        if done {
+            outcome.end();
+        }
         Self {
             inner,
             scan,
             set,
+            allowed,
             outcome,
             idle: Idle::new(idle),
             pending: None,
-            done: false,
+            done,
         }
     }
+}
 
+impl<B> ToUpstream<B> {
     fn refuse(&mut self, binding: usize, reason: &'static str) -> BoxError {
-        let _ = self.outcome.blocked.set((binding, reason));
+        let code = if self.allowed.contains(binding) {
+            SECRET_UNAVAILABLE_MID_BODY
+        } else {
+            reason
+        };
+        let _ = self.outcome.blocked.set((binding, code));
+        self.stop();
+        Box::new(BodyError(format!(
+            "the request body carries a placeholder that may not be sent here ({code})"
+        )))
+    }
+
+    fn stop(&mut self) {
         self.done = true;
         self.pending = None;
-        Box::new(BodyError(format!(
-            "the request body carries a placeholder that may not be sent here ({reason})"
-        )))
+        self.outcome.end();
     }
 
     fn record_swapped(&self) {
@@ -227,6 +290,13 @@ impl<B> ToUpstream<B> {
     }
 }
 
+impl<B> Drop for ToUpstream<B> {
+    fn drop(&mut self) {
+        // Whoever waits for the end must not wait for a body nobody reads.
+        self.outcome.end();
+    }
+}
+
 impl<B> Body for ToUpstream<B>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -250,7 +320,7 @@ where
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
                     if this.idle.expired(cx) {
-                        this.done = true;
+                        this.stop();
                         return Poll::Ready(Some(Err(Box::new(BodyError(
                             "the request body was silent longer than the idle timeout".into(),
                         )))));
@@ -258,8 +328,9 @@ where
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => {
-                    this.done = true;
-                    match this.finish() {
+                    let rest = this.finish();
+                    this.stop();
+                    match rest {
                         Ok(rest) => {
                             this.pending = rest;
                             continue;
@@ -268,7 +339,7 @@ where
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
+                    this.stop();
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(Some(Ok(frame))) => frame,
@@ -281,7 +352,9 @@ where
                         this.record_swapped();
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
-                    Err(e) => return Poll::Ready(Some(Err(this.refuse(e.binding(), e.reason())))),
+                    Err(e) => {
+                        return Poll::Ready(Some(Err(this.refuse(e.binding(), e.reason()))));
+                    }
                 },
                 Err(frame) => {
                     let rest = match this.finish() {
@@ -306,9 +379,18 @@ where
         }
     }
 
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_none()
+    }
+
     fn size_hint(&self) -> SizeHint {
-        // The length may change with a swap; never promise one.
-        SizeHint::default()
+        if self.scan.changes_length() {
+            // A swap may change the length; never promise one.
+            SizeHint::default()
+        } else {
+            // Unchanged bytes: the agent's length stays true.
+            self.inner.size_hint()
+        }
     }
 }
 
@@ -325,7 +407,7 @@ pub trait OnEnd: Send + 'static {
 /// The upstream's response body, checked for echoes on its way to the
 /// agent. Bytes are never changed, only held back or cut off, so the
 /// upstream's length stays true.
-pub struct ToAgent<B> {
+pub struct ToAgent<B: Body> {
     inner: B,
     echo: Option<EchoStream<Arc<EchoDetector>>>,
     on_end: Option<Box<dyn OnEnd>>,
@@ -334,7 +416,7 @@ pub struct ToAgent<B> {
     done: bool,
 }
 
-impl<B> ToAgent<B> {
+impl<B: Body> ToAgent<B> {
     /// `detector`: `None` (or an empty one) when no echo can occur here.
     pub fn new(
         inner: B,
@@ -381,9 +463,18 @@ impl<B> ToAgent<B> {
     }
 }
 
-impl<B> Drop for ToAgent<B> {
+impl<B: Body> Drop for ToAgent<B> {
     fn drop(&mut self) {
-        if let Some(end) = self.on_end.take() {
+        let Some(end) = self.on_end.take() else {
+            return;
+        };
+        // hyper drops a body without polling it to the end once it has
+        // written what it needs (a Content-Length reached, HEAD, 204, 304,
+        // 101): that is a complete answer, not an agent going away.
+        let held = self.echo.as_ref().is_some_and(|e| e.held_back() > 0);
+        if (self.done || self.inner.is_end_stream()) && self.pending.is_none() && !held {
+            end.complete();
+        } else {
             end.broken("the response was not delivered whole (the agent went away)");
         }
     }

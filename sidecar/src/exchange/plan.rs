@@ -26,6 +26,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode, Uri, Version};
 
+use crate::audit::Outcome;
 use crate::config::EgressMode;
 use crate::decide::{BlockReason, Decision, RequestFacts, SeenOn, decide};
 use crate::engine::{Lookup, Snapshot};
@@ -34,7 +35,7 @@ use crate::substitute::{BindingSet, SubstituteError};
 
 /// What the handler knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
-pub struct Conn<'a> {
+pub struct ConnFacts<'a> {
     /// The SNI the sidecar terminated TLS for (lower case); `None` in
     /// cleartext.
     pub sni: Option<&'a str>,
@@ -91,42 +92,64 @@ pub struct Plan {
     pub upgrade: bool,
 }
 
-/// A request refused before anything was forwarded.
+/// A request refused before anything was forwarded (or, from the handler,
+/// after the upstream answered).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub status: StatusCode,
-    /// The audit decision (`exfiltration_blocked`, `misdirected`, ...).
-    pub decision: &'static str,
-    pub reason: String,
+    pub decision: Outcome,
+    /// A stable, bounded code for the reason (`destination_not_bound`,
+    /// `duplicate_host`, ...): the `reason` of answers, audit records and
+    /// metrics.
+    pub code: &'static str,
+    /// What a human reads. Built from the request, the config and our own
+    /// words; never from a secret source's or an upstream's text.
+    pub detail: String,
     /// The binding concerned, if any.
     pub binding: Option<usize>,
     pub destination: String,
 }
 
 impl Refusal {
-    fn new(status: StatusCode, decision: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        decision: Outcome,
+        code: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             decision,
-            reason: reason.into(),
+            code,
+            detail: detail.into(),
             binding: None,
             destination: String::new(),
         }
     }
 
-    fn bad_request(reason: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, Outcome::BadRequest, code, detail)
     }
 
-    fn blocked(binding: usize, reason: impl Into<String>) -> Self {
+    pub fn blocked(binding: usize, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
             binding: Some(binding),
-            ..Self::new(StatusCode::FORBIDDEN, "exfiltration_blocked", reason)
+            ..Self::new(
+                StatusCode::FORBIDDEN,
+                Outcome::ExfiltrationBlocked,
+                code,
+                detail,
+            )
         }
     }
 
-    fn at(mut self, destination: &str) -> Self {
+    pub fn at(mut self, destination: &str) -> Self {
         self.destination = destination.to_owned();
+        self
+    }
+
+    pub fn for_binding(mut self, binding: usize) -> Self {
+        self.binding = Some(binding);
         self
     }
 }
@@ -149,7 +172,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub fn plan(
     parts: &mut Parts,
     body_empty: bool,
-    conn: &Conn<'_>,
+    conn: &ConnFacts<'_>,
     snapshot: &Snapshot,
 ) -> Result<Plan, Refusal> {
     check_head(parts)?;
@@ -178,7 +201,8 @@ pub fn plan(
             Decision::Misdirected => {
                 return Err(refuse(Refusal::new(
                     StatusCode::MISDIRECTED_REQUEST,
-                    "misdirected",
+                    Outcome::Misdirected,
+                    "authority_mismatch",
                     format!(
                         "the request's authority {:?} is not this connection's destination {}",
                         target.authority, destination
@@ -186,35 +210,37 @@ pub fn plan(
                 )));
             }
             Decision::Block { binding, reason } => {
-                return Err(refuse(Refusal::blocked(binding, block_reason(&reason))));
+                let (code, detail) = block_reason(&reason);
+                return Err(refuse(Refusal::blocked(binding, code, detail)));
             }
         }
     } else if let Some(binding) = seen.iter().position(|s| s.any()) {
-        return Err(refuse(Refusal::blocked(
-            binding,
-            block_reason(&BlockReason::DestinationNotBound),
-        )));
+        let (code, detail) = block_reason(&BlockReason::DestinationNotBound);
+        return Err(refuse(Refusal::blocked(binding, code, detail)));
     } else {
         Vec::new()
     };
     if !bound && conn.egress == EgressMode::Deny {
         return Err(refuse(Refusal::new(
             StatusCode::FORBIDDEN,
-            "egress_denied",
+            Outcome::EgressDenied,
+            "egress_deny",
             format!("{destination} is not a bound destination, and egress is deny"),
         )));
     }
     for &i in &inject {
-        if let Err(why) = snapshot.usable_secret(i) {
-            let reason = snapshot.secret_failure(i).unwrap_or_else(|| why.to_owned());
-            return Err(refuse(Refusal {
-                binding: Some(i),
-                ..Refusal::new(
+        if let Err(unusable) = snapshot.usable_secret(i) {
+            // The step only: the source's own message (paths, library
+            // text) is for the logs, not for the agent.
+            return Err(refuse(
+                Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "secret_unavailable",
-                    reason,
+                    Outcome::SecretUnavailable,
+                    unusable.code(),
+                    unusable.detail(),
                 )
-            }));
+                .for_binding(i),
+            ));
         }
     }
     let injected: BindingSet = inject.iter().copied().collect();
@@ -234,7 +260,8 @@ pub fn plan(
         {
             return Err(refuse(Refusal::blocked(
                 inject[0],
-                format!("override_header_not_allowed: {name}"),
+                "override_header_not_allowed",
+                format!("{name} would override the method or path this binding limits"),
             )));
         }
         swap_head(parts, snapshot, &injected, &seen).map_err(refuse)?;
@@ -281,10 +308,16 @@ pub fn plan(
     })
 }
 
-fn block_reason(reason: &BlockReason) -> String {
+fn block_reason(reason: &BlockReason) -> (&'static str, String) {
     match reason {
-        BlockReason::SurfaceNotAllowed(s) => format!("surface_not_allowed: {}", surface_name(*s)),
-        other => other.as_str().to_owned(),
+        BlockReason::SurfaceNotAllowed(s) => (
+            reason.as_str(),
+            format!(
+                "its binding does not allow the {} surface",
+                surface_name(*s)
+            ),
+        ),
+        other => (other.as_str(), other.as_str().replace('_', " ")),
     }
 }
 
@@ -300,19 +333,26 @@ fn surface_name(s: Surface) -> &'static str {
 /// Checks that hold for every request, placeholder or not.
 fn check_head(parts: &Parts) -> Result<(), Refusal> {
     if parts.headers.get_all(header::HOST).iter().count() > 1 {
-        return Err(Refusal::bad_request("duplicate Host header"));
+        return Err(Refusal::bad_request(
+            "duplicate_host",
+            "duplicate Host header",
+        ));
     }
     if parts
         .headers
         .values()
         .any(|v| v.as_bytes().iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)))
     {
-        return Err(Refusal::bad_request("a header value holds CR, LF or NUL"));
+        return Err(Refusal::bad_request(
+            "header_value_control",
+            "a header value holds CR, LF or NUL",
+        ));
     }
     if parts.method == Method::CONNECT {
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "bad_request",
+            Outcome::BadRequest,
+            "connect_inside",
             "CONNECT is not allowed inside an intercepted connection",
         ));
     }
@@ -329,13 +369,12 @@ struct Target {
 }
 
 /// Where the request says it is going, checked against the connection.
-fn target(parts: &Parts, conn: &Conn<'_>) -> Result<Target, Refusal> {
+fn target(parts: &Parts, conn: &ConnFacts<'_>) -> Result<Target, Refusal> {
     let uri_authority = parts.uri.authority().map(|a| a.as_str());
     let host_header = match parts.headers.get(header::HOST) {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| Refusal::bad_request("the Host header is not visible ASCII"))?,
-        ),
+        Some(v) => Some(v.to_str().map_err(|_| {
+            Refusal::bad_request("invalid_host", "the Host header is not visible ASCII")
+        })?),
         None => None,
     };
     if let (Some(a), Some(h)) = (uri_authority, host_header)
@@ -343,8 +382,9 @@ fn target(parts: &Parts, conn: &Conn<'_>) -> Result<Target, Refusal> {
     {
         return Err(Refusal::new(
             StatusCode::MISDIRECTED_REQUEST,
-            "misdirected",
-            format!("the request target names {a:?} but Host is {h:?}"),
+            Outcome::Misdirected,
+            "authority_mismatch",
+            "the request target and the Host header name different hosts",
         ));
     }
     if conn.proxy_form && conn.tunnel_host.is_none() && conn.sni.is_none() {
@@ -353,11 +393,13 @@ fn target(parts: &Parts, conn: &Conn<'_>) -> Result<Target, Refusal> {
             Some("http") => {}
             Some(_) => {
                 return Err(Refusal::bad_request(
+                    "https_needs_connect",
                     "send https:// requests through the proxy with CONNECT (HTTPS_PROXY)",
                 ));
             }
             None => {
                 return Err(Refusal::bad_request(
+                    "not_a_proxy_request",
                     "this is credbroker's local proxy: use it as HTTP_PROXY / HTTPS_PROXY \
                      (requests in absolute form, or CONNECT)",
                 ));
@@ -366,6 +408,7 @@ fn target(parts: &Parts, conn: &Conn<'_>) -> Result<Target, Refusal> {
     }
     let Some(authority) = uri_authority.or(host_header) else {
         return Err(Refusal::bad_request(
+            "no_host",
             "the request names no host (no Host header)",
         ));
     };
@@ -375,17 +418,19 @@ fn target(parts: &Parts, conn: &Conn<'_>) -> Result<Target, Refusal> {
     // or an IP address. Anything else (":", "/", "?", "#" ...) would make
     // the upstream URI name a different host than the one decided on.
     if host.parse::<std::net::IpAddr>().is_err() && !credbroker_crds::validate::is_dns_name(&host) {
-        return Err(Refusal::bad_request(format!(
-            "the request names {authority:?}, which is not a host name or an IP address"
-        )));
+        return Err(Refusal::bad_request(
+            "invalid_host",
+            "the request names something that is not a host name or an IP address",
+        ));
     }
     if let Some(tunnel) = conn.tunnel_host
         && host != canonical(tunnel)
     {
         return Err(Refusal::new(
             StatusCode::MISDIRECTED_REQUEST,
-            "misdirected",
-            format!("the request names {authority:?} inside a tunnel to {tunnel:?}"),
+            Outcome::Misdirected,
+            "authority_mismatch",
+            format!("the request names another host inside a tunnel to {tunnel}"),
         ));
     }
     let (host, port, tls) = match conn.sni {
@@ -432,11 +477,19 @@ fn scan(parts: &Parts, snapshot: &Snapshot) -> Result<Vec<SeenOn>, Refusal> {
     let mut found = BindingSet::new();
     for name in parts.headers.keys() {
         if let Some(b) = set.find(name.as_str().as_bytes()).iter().next() {
-            return Err(Refusal::blocked(b, "placeholder_in_header_name"));
+            return Err(Refusal::blocked(
+                b,
+                "placeholder_in_header_name",
+                "a placeholder is never swapped into a header name",
+            ));
         }
     }
     if let Some(b) = set.find(parts.uri.path().as_bytes()).iter().next() {
-        return Err(Refusal::blocked(b, "placeholder_in_path"));
+        return Err(Refusal::blocked(
+            b,
+            "placeholder_in_path",
+            "a placeholder is never swapped into the path",
+        ));
     }
     for (name, value) in &parts.headers {
         found.clear();
@@ -449,7 +502,8 @@ fn scan(parts: &Parts, snapshot: &Snapshot) -> Result<Vec<SeenOn>, Refusal> {
             // a credential never belongs in them.
             return Err(Refusal::blocked(
                 b,
-                format!("placeholder_in_reflected_header: {name}"),
+                "placeholder_in_reflected_header",
+                format!("{name} is a header servers commonly store and send back"),
             ));
         }
         for b in found.iter() {
@@ -542,16 +596,17 @@ fn swap_head(
         allowed: injected.clone(),
         form: Form::Raw,
     };
-    let refused = |e: SubstituteError| match e {
-        SubstituteError::UnsafeForHeader { binding, .. } => Refusal {
-            binding: Some(binding),
-            ..Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "secret_unavailable",
-                "the secret holds CR, LF, NUL or another control character, which a header cannot carry",
-            )
-        },
-        other => Refusal::blocked(other.binding(), other.reason()),
+    let refused = |e: SubstituteError| {
+        match e {
+        SubstituteError::UnsafeForHeader { binding, .. } => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::SecretUnavailable,
+            "value_unsafe_for_header",
+            "the secret holds CR, LF, NUL or another control character, which a header cannot carry",
+        )
+        .for_binding(binding),
+        other => Refusal::blocked(other.binding(), other.reason(), other.reason().replace('_', " ")),
+    }
     };
     for (name, value) in parts.headers.iter_mut() {
         let replaced = if *name == header::AUTHORIZATION
@@ -591,19 +646,28 @@ fn swap_head(
             pq.extend_from_slice(new.expose_secret());
             let mut uri = std::mem::take(&mut parts.uri).into_parts();
             uri.path_and_query = Some(
-                http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))
-                    .map_err(|_| Refusal::bad_request("the query could not be rewritten"))?,
+                http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq)).map_err(
+                    |_| Refusal::bad_request("rewrite_failed", "the query could not be rewritten"),
+                )?,
             );
-            parts.uri = Uri::from_parts(uri)
-                .map_err(|_| Refusal::bad_request("the request target could not be rewritten"))?;
+            parts.uri = Uri::from_parts(uri).map_err(|_| {
+                Refusal::bad_request(
+                    "rewrite_failed",
+                    "the request target could not be rewritten",
+                )
+            })?;
         }
     }
     Ok(())
 }
 
 fn sensitive(bytes: &[u8]) -> Result<HeaderValue, Refusal> {
-    let mut value = HeaderValue::from_bytes(bytes)
-        .map_err(|_| Refusal::bad_request("a swapped header value is not a valid header value"))?;
+    let mut value = HeaderValue::from_bytes(bytes).map_err(|_| {
+        Refusal::bad_request(
+            "rewrite_failed",
+            "a swapped header value is not a valid header value",
+        )
+    })?;
     // HPACK never indexes a sensitive value (HTTP/2 header compression
     // would otherwise keep the secret in the connection's table).
     value.set_sensitive(true);
@@ -673,7 +737,8 @@ fn body_plan(
     if compressed {
         return Err(Refusal::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported",
+            Outcome::Unsupported,
+            "compressed_request_body",
             "the request body is compressed (Content-Encoding), so a placeholder in it cannot \
              be swapped; send it uncompressed",
         ));
