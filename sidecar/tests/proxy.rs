@@ -50,7 +50,6 @@ struct World {
     unbound: Upstream,
     bad: Upstream,
     alpha_secret: String,
-    beta_secret: String,
     alpha_ph: String,
     beta_ph: String,
     bad_ph: String,
@@ -99,8 +98,11 @@ fn echoing() -> Behaviour {
                 )
                 .paced(
                     ["data: one\n\n", "data: two\n\n", "data: three\n\n"],
-                    Duration::from_millis(1500),
+                    Duration::from_secs(3),
                 ),
+            "/v1/gzip" => Reply::ok()
+                .header(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"))
+                .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]),
             _ => Reply::ok().body("ok\n"),
         }
     })
@@ -145,7 +147,14 @@ impl World {
         let mut pod = Pod::new(NAMES).await?;
         let alpha = pod.upstream(&[ALPHA_HOST], ALPHA_PORT, echoing())?;
         let beta = pod.upstream(&[BETA_HOST], BETA_PORT, Behaviour::default())?;
-        let unbound = pod.upstream(&[UNBOUND_HOST], UNBOUND_PORT, Behaviour::echo_body())?;
+        // Its certificate also names the far side's address, for clients
+        // that connect by IP (and so send no SNI).
+        let far_ip = pod.far_ip(IpFamily::V4).to_string();
+        let unbound = pod.upstream(
+            &[UNBOUND_HOST, &far_ip],
+            UNBOUND_PORT,
+            Behaviour::echo_body(),
+        )?;
         // A certificate for another name, from the CA the binding trusts:
         // trusted issuer, wrong name.
         let bad = pod.upstream(&["wrong.test"], BAD_PORT, Behaviour::default())?;
@@ -161,7 +170,6 @@ impl World {
             unbound,
             bad,
             alpha_secret,
-            beta_secret,
             alpha_ph: placeholder("sk-"),
             beta_ph: placeholder("sk-"),
             bad_ph: placeholder("sk-"),
@@ -230,7 +238,9 @@ async fn raw_exchange(pod: &Pod, to: SocketAddr, sni: &str, request: &[u8]) -> T
     tls.write_all(request).await?;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    let text = String::from_utf8_lossy(&out).into_owned();
+    pod.saw(&text);
+    Ok(text)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -322,6 +332,24 @@ async fn a_placeholder_becomes_the_secret_toward_its_bound_host_over_http1_and_h
     assert_eq!(record["destination"], format!("{ALPHA_HOST}:{ALPHA_PORT}"));
     assert_eq!(record["status"], 200);
     assert_eq!(record["pod"], "agent-0");
+    // A HEAD (hyper drops its empty body unpolled) is a complete answer,
+    // over either protocol (beta allows any method).
+    for http in ["--http1.1", "--http2"] {
+        let head = w
+            .pod
+            .curl_trusting(&[http, "-I", "-H", &bearer(&w.beta_ph), &beta_url("/head")])
+            .await?;
+        assert_eq!(head.status, 200, "{head:?}");
+    }
+    let head_record = w.pod.wait_audit(|r| r["path"] == "/head").await?;
+    assert_eq!(head_record["decision"], "injected");
+    assert!(head_record.get("detail").is_none(), "{head_record}");
+    // A refused HEAD over HTTP/2 is a clean 403 (no body).
+    let refused_head = w
+        .pod
+        .curl_trusting(&["--http2", "-I", "-H", &auth, &alpha_url("/v1/head")])
+        .await?;
+    assert_eq!(refused_head.status, 403, "{refused_head:?}");
     let query_record = w.pod.wait_audit(|r| r["path"] == "/v1/query").await?;
     assert!(
         !query_record.to_string().contains("key="),
@@ -335,7 +363,7 @@ async fn a_placeholder_becomes_the_secret_toward_its_bound_host_over_http1_and_h
         "{metrics}"
     );
     assert!(
-        metrics.contains("credbroker_sidecar_leaf_cache_mints_total 1"),
+        metrics.contains("credbroker_sidecar_leaf_cache_mints_total 2"),
         "{metrics}"
     );
     w.pod.assert_no_secret_leaked()
@@ -493,12 +521,14 @@ async fn an_authority_other_than_the_sni_gets_421_also_on_a_reused_http2_connect
         0,
         "the misdirected request was forwarded"
     );
+    // The sidecar dials what the SNI names, so a forwarded misdirected
+    // request would have reached alpha: it must have seen only the first.
+    w.alpha.wait_for_requests(1, Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        w.alpha
-            .wait_for_requests(1, Duration::from_secs(5))
-            .await?
-            .len(),
-        1
+        w.alpha.request_count(),
+        1,
+        "the misdirected request reached the upstream"
     );
     w.pod.assert_no_secret_leaked()
 }
@@ -557,6 +587,16 @@ async fn echoes_of_the_secret_abort_the_response_and_other_responses_stream() ->
             );
         }
     }
+    // Audit lines come from a writer thread: wait for all nine.
+    let pod = &w.pod;
+    eventually("nine echo_blocked records", || {
+        pod.audit()
+            .iter()
+            .filter(|r| r["decision"] == "echo_blocked")
+            .count()
+            >= 9
+    })
+    .await?;
     let blocked: Vec<_> = w
         .pod
         .audit()
@@ -564,6 +604,16 @@ async fn echoes_of_the_secret_abort_the_response_and_other_responses_stream() ->
         .filter(|r| r["decision"] == "echo_blocked")
         .collect();
     assert_eq!(blocked.len(), 9, "{blocked:#?}");
+    // Not the upstream's answer, whatever curl made of the cut.
+    let not_inspectable = w
+        .pod
+        .curl_trusting(&["-H", &auth, &alpha_url("/v1/gzip")])
+        .await?;
+    assert_eq!(not_inspectable.status, 502, "{not_inspectable:?}");
+    assert!(
+        not_inspectable.body.contains("compressed_response"),
+        "{not_inspectable:?}"
+    );
     assert!(
         blocked
             .iter()
@@ -571,7 +621,7 @@ async fn echoes_of_the_secret_abort_the_response_and_other_responses_stream() ->
     );
 
     // A response with no echo streams: the first event arrives before the
-    // upstream has even sent the second (1.5 s apart).
+    // upstream has even sent the second (3 s apart).
     let tls = tls_from_pod(&w.pod, w.far(ALPHA_PORT), ALPHA_HOST, &[b"http/1.1"]).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(conn);
@@ -584,8 +634,10 @@ async fn echoes_of_the_secret_abort_the_response_and_other_responses_stream() ->
     let first = body.frame().await.unwrap()?.into_data().unwrap();
     let first_at = started.elapsed();
     assert_eq!(first, "data: one\n\n");
+    // (A margin of half a pause, for a loaded machine: a held-back first
+    // event would wait the whole 3 s.)
     assert!(
-        first_at < Duration::from_millis(1400),
+        first_at < Duration::from_millis(1500),
         "the first event waited {first_at:?}"
     );
     let rest = body.collect().await?.to_bytes();
@@ -874,6 +926,24 @@ async fn a_restart_keeps_the_pod_ca_and_reloads_add_bindings_keep_connections_an
             .output()
             .contains("config change refused; keeping the previous config")
     );
+    // Removed at runtime: no bindings, so nothing is intercepted any more
+    // (the agent, trusting only the bundle, cannot verify alpha itself).
+    w.pod.remove_bindings()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = w
+            .pod
+            .curl_trusting(&["-H", &auth, &alpha_url("/v1/gone")])
+            .await?;
+        if reply.status == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still intercepted after the bindings went: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     w.pod.assert_no_secret_leaked()
 }
 
@@ -928,11 +998,49 @@ async fn local_mode_gives_curl_proxy_the_same_results() -> TestResult {
         .await?;
     assert_eq!(cross.status, 403, "{cross:?}");
     assert_eq!(w.beta.request_count(), 0);
-    let echo = w
+    // The same method and path limits as in a pod.
+    for (args, reason) in [
+        (vec!["-X", "DELETE"], "method_not_allowed"),
+        (vec![], "path_not_allowed"),
+    ] {
+        let url = if reason == "path_not_allowed" {
+            alpha_url("/v2/x")
+        } else {
+            alpha_url("/v1/x")
+        };
+        let mut all = vec!["--proxy", proxy.as_str(), "-H", auth.as_str()];
+        all.extend(args);
+        all.push(&url);
+        let reply = w.pod.curl_trusting(&all).await?;
+        assert_eq!(reply.status, 403, "{reason}: {reply:?}");
+        assert!(reply.body.contains(reason), "{reply:?}");
+    }
+    // Over HTTP/2 inside the tunnel too.
+    let h2 = w
         .pod
-        .curl_trusting(&["--proxy", &proxy, "-H", &auth, &alpha_url("/v1/echo/json")])
+        .curl_trusting(&[
+            "--http2",
+            "--proxy",
+            &proxy,
+            "-H",
+            &auth,
+            &alpha_url("/v1/h2"),
+        ])
         .await?;
-    assert_ne!(echo.exit, 0, "{echo:?}");
+    assert_eq!((h2.status, h2.version.as_str()), (200, "2"), "{h2:?}");
+    // Echoes, every alignment.
+    for path in [
+        "/v1/echo/json",
+        "/v1/echo/b64/0",
+        "/v1/echo/b64/1",
+        "/v1/echo/b64/2",
+    ] {
+        let echo = w
+            .pod
+            .curl_trusting(&["--proxy", &proxy, "-H", &auth, &alpha_url(path)])
+            .await?;
+        assert_ne!(echo.exit, 0, "{path}: {echo:?}");
+    }
     let header_echo = w
         .pod
         .curl_trusting(&[
@@ -966,7 +1074,6 @@ async fn local_mode_gives_curl_proxy_the_same_results() -> TestResult {
         .curl(&[&format!("http://127.0.0.1:{}/", support::LOCAL_PORT)])
         .await?;
     assert_eq!(direct.status, 400, "{direct:?}");
-    let _ = &w.beta_secret;
     w.pod.assert_no_secret_leaked()
 }
 
@@ -1296,7 +1403,7 @@ async fn a_websocket_upgrade_gets_the_secret_in_its_handshake_and_frames_pass_un
         !String::from_utf8_lossy(&rest).contains(&secret),
         "the echoed secret reached the agent"
     );
-    pod.agent_saw.push_str(&String::from_utf8_lossy(&rest));
+    pod.saw(&String::from_utf8_lossy(&rest));
     pod.wait_audit(|r| r["decision"] == "echo_blocked" && r["path"] == "/socket")
         .await?;
     drop(tls);
@@ -1366,4 +1473,85 @@ async fn sigterm_drains_open_requests_and_the_process_is_hardened() -> TestResul
             .contains("shutting down: draining open connections")
     );
     w.pod.assert_no_secret_leaked()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, network namespaces, iptables, dnsmasq and curl"]
+async fn tls_without_sni_is_spliced_or_refused_and_http2_headers_have_limits() -> TestResult {
+    let mut w = World::new().await?;
+    w.start(&[]).await?;
+    // By IP: no SNI, so never terminated; the upstream's own certificate
+    // (which names the IP) verifies.
+    let far = w.pod.far_ip(IpFamily::V4);
+    let own = w.unbound.ca_file().unwrap().display().to_string();
+    let by_ip = format!("https://{far}:{UNBOUND_PORT}/");
+    let spliced = w.pod.curl(&["--cacert", &own, &by_ip]).await?;
+    assert_eq!(spliced.status, 200, "{spliced:?}");
+    // Headers over the limit on HTTP/2 are refused too.
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let too_big = w
+        .pod
+        .curl_trusting(&["--http2", "-H", &big, &alpha_url("/v1/x")])
+        .await?;
+    assert_ne!(
+        too_big.status,
+        200,
+        "{:?}",
+        (too_big.status, &too_big.stderr)
+    );
+    assert!(
+        w.alpha.requests().iter().all(|r| r.path != "/v1/x"),
+        "the oversized request was forwarded"
+    );
+
+    w.pod.stop();
+    w.start(&["--egress", "deny"]).await?;
+    let refused = w.pod.curl(&["--cacert", &own, &by_ip]).await?;
+    assert_eq!(refused.status, 0, "{refused:?}");
+    w.pod
+        .wait_audit(|r| r["decision"] == "refused" && r["reason"] == "egress_deny")
+        .await?;
+    w.pod.assert_no_secret_leaked()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, network namespaces, iptables, dnsmasq and curl"]
+async fn strict_destination_refuses_an_address_the_name_does_not_have() -> TestResult {
+    const STRICT_HOST: &str = "strict.bound.test";
+    // The name has only the far side's IPv6 address.
+    let mut pod = Pod::with_records(&[], &[(STRICT_HOST, |_v4, v6| vec![v6])]).await?;
+    let upstream = pod.upstream(&[STRICT_HOST], 8443, Behaviour::default())?;
+    let secret = secret_value("strict");
+    pod.write_secret("secret/strict", "token", &secret)?;
+    let ph = placeholder("st-");
+    pod.write_bindings(&json!({"formatVersion": 1, "bindings": [{
+        "id": "strict",
+        "secret": {"mount": "secret", "path": "strict", "key": "token"},
+        "destinations": [{"host": STRICT_HOST, "port": 8443, "extraCaPem": upstream.ca_pem().unwrap()}],
+    }]}))?;
+    pod.write_placeholders(&json!({"strict": ph}))?;
+    pod.start(&["--strict-destination"]).await?;
+    let url = format!("https://{STRICT_HOST}:8443/s");
+    // The agent connects to an address the name does not have (the far
+    // side's IPv4), naming it in SNI: refused.
+    let far_v4 = pod.far_ip(IpFamily::V4);
+    let pinned = format!("{STRICT_HOST}:8443:{far_v4}");
+    let foreign = pod
+        .curl_trusting(&["--resolve", &pinned, "-H", &bearer(&ph), &url])
+        .await?;
+    assert_eq!(foreign.status, 0, "{foreign:?}");
+    pod.wait_audit(|r| r["decision"] == "refused" && r["reason"] == "strict_destination")
+        .await?;
+    // Through its real address: injected.
+    let real = pod.curl_trusting(&["-H", &bearer(&ph), &url]).await?;
+    assert_eq!(real.status, 200, "{real:?}");
+    let got = upstream
+        .wait_for_requests(1, Duration::from_secs(5))
+        .await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].header("authorization"),
+        Some(format!("Bearer {secret}").as_str())
+    );
+    pod.assert_no_secret_leaked()
 }

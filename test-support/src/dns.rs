@@ -78,6 +78,7 @@ impl Dns {
     /// Makes processes started in `client` (with `ip netns exec`) resolve
     /// through this server.
     pub fn serve(&mut self, client: &Netns) -> Result<()> {
+        sweep_stale_resolvers();
         let dir = PathBuf::from("/etc/netns").join(client.name());
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
@@ -138,6 +139,23 @@ impl Drop for Dns {
     fn drop(&mut self) {
         for dir in &self.resolv_dirs {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Removes `/etc/netns/cbt-*` folders whose namespace is gone (a test
+/// process killed by SIGKILL cannot run its drops).
+fn sweep_stale_resolvers() {
+    let Ok(entries) = std::fs::read_dir("/etc/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(crate::netns::NAME_PREFIX)
+            && !std::path::Path::new("/run/netns").join(&*name).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

@@ -292,6 +292,63 @@ pub fn process_scratch_dir(what: &str) -> Result<PathBuf> {
     Ok(dir.keep())
 }
 
+/// A directory other UIDs may enter (mode 0755), for files a test hands to
+/// processes it runs as other users (a sidecar's config, say): under
+/// `$TMPDIR/credbroker-tests-shared/<pid>`, removed with the test process's
+/// other leftovers once it is gone. Removed on drop.
+pub fn shared_scratch_dir(what: &str) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::env::temp_dir().join("credbroker-tests-shared");
+    let mine = root.join(std::process::id().to_string());
+    if !mine.is_dir() {
+        sweep_dead(&root);
+        std::fs::create_dir_all(&mine)
+            .map_err(|e| Error::Io(format!("creating {}", mine.display()), e))?;
+    }
+    for d in [&root, &mine] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::Io(format!("opening {} to other users", d.display()), e))?;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{what}-"))
+        .tempdir_in(&mine)
+        .map_err(|e| Error::Io(format!("creating a directory for {what}"), e))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(|e| {
+        Error::Io(
+            format!("opening {} to other users", dir.path().display()),
+            e,
+        )
+    })?;
+    Ok(dir)
+}
+
+/// Removes the per-process folders under `root` whose process is gone.
+fn sweep_dead(root: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok();
+            let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            if pid.is_some() && !alive {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit: tests that
+/// hold a thousand connections open (and serve the other ends) need more
+/// than Debian's default 1,024.
+pub fn raise_fd_limit() -> Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| Error::Io("reading RLIMIT_NOFILE".into(), e.into()))?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .map_err(|e| Error::Io("raising RLIMIT_NOFILE".into(), e.into()))?;
+    }
+    Ok(hard)
+}
+
 /// Finds a system tool on `PATH` or in the sbin folders (which a non-login
 /// root shell may not have on `PATH`), or says which Debian package has it.
 pub fn require_tool(name: &str, debian_package: &str) -> Result<PathBuf> {

@@ -564,6 +564,13 @@ where
         }
     }
 
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none()
+            && (self.done
+                || (self.inner.is_end_stream()
+                    && self.echo.as_ref().is_none_or(|e| e.held_back() == 0)))
+    }
+
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }

@@ -51,6 +51,7 @@ pub async fn handle(
     // The agent's side of a WebSocket upgrade, taken before the head is
     // split off (hyper keeps it in the request).
     let agent_upgrade = looks_like_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let method = request.method().clone();
     let (mut parts, body) = request.into_parts();
     let body_empty = hyper::body::Body::is_end_stream(&body);
     let conn = ConnFacts {
@@ -144,7 +145,23 @@ pub async fn handle(
     let detector = plan.bound.then(|| snapshot.echo.clone());
     let idle = engine.settings.idle_timeout;
     let on_end: Box<dyn OnEnd> = Box::new(txn);
+    if no_body(&method, status) {
+        // No content whatever the upstream's body claims (an HTTP/2 HEAD
+        // answer's body reports its Content-Length as its size).
+        return response.map(|_| {
+            let empty = http_body_util::Empty::<bytes::Bytes>::new();
+            ToAgent::new(empty, None, on_end, idle).boxed_unsync()
+        });
+    }
     response.map(|body| ToAgent::new(body, detector, on_end, idle).boxed_unsync())
+}
+
+/// Responses that carry no content (RFC 9110 6.4.1).
+fn no_body(method: &http::Method, status: StatusCode) -> bool {
+    method == http::Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 fn framing_refused(verdict: Verdict) -> Option<&'static str> {
@@ -683,13 +700,22 @@ impl Txn {
             "request refused"
         );
         self.write(refusal.decision, Some(refusal.status.as_u16()));
-        json_response(
+        let response = json_response(
             refusal.status,
             refusal.decision.as_str(),
             refusal.code,
             detail,
             binding_id.as_deref(),
-        )
+        );
+        if self.record.method == "HEAD" {
+            // An answer to HEAD carries no content (HTTP/2 clients reset a
+            // stream that does); the decision is in the headers.
+            let (mut parts, _) = response.into_parts();
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let empty = http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| match e {});
+            return Response::from_parts(parts, empty.boxed_unsync());
+        }
+        response
     }
 }
 

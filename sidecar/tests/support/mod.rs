@@ -59,6 +59,8 @@ pub struct Curl {
     /// 0 when curl failed before a response.
     pub status: u16,
     pub body: String,
+    /// The response headers, as curl's JSON.
+    pub headers: String,
     pub stderr: String,
     pub exit: i32,
     /// `%{http_version}`.
@@ -67,7 +69,7 @@ pub struct Curl {
 
 impl Curl {
     pub fn all_text(&self) -> String {
-        format!("{}\n{}", self.body, self.stderr)
+        format!("{}\n{}\n{}", self.body, self.headers, self.stderr)
     }
 }
 
@@ -83,35 +85,47 @@ pub fn secret_value(name: &str) -> String {
     format!("real-{name}-{}", placeholder("v"))
 }
 
+/// The addresses a DNS name gets, from the far side's IPv4 and IPv6.
+pub type AddressesOf = fn(IpAddr, IpAddr) -> Vec<IpAddr>;
+
 pub struct Pod {
-    pub pair: NetnsPair,
-    pub dns: Dns,
-    dir: tempfile::TempDir,
+    // Fields drop in this order: the sidecar goes first, then its files,
+    // then the resolver and the namespaces.
     sidecar: Option<ChildGuard>,
+    dir: tempfile::TempDir,
+    pub dns: Dns,
+    pub pair: NetnsPair,
     /// Output of sidecar processes that have ended.
     past_output: String,
     /// Every secret value this pod was given, for leak scans.
     pub secrets: Vec<String>,
-    /// What agents saw, for leak scans.
-    pub agent_saw: String,
+    /// What agents saw (bodies, headers, errors), for leak scans.
+    agent_saw: std::sync::Mutex<String>,
 }
 
 impl Pod {
     /// A pod whose resolver answers each of `names` with the far side's
     /// addresses, with the real `init` rules applied.
     pub async fn new(names: &[&str]) -> TestResult<Self> {
+        Self::with_records(names, &[]).await
+    }
+
+    /// A pod whose resolver answers each of `names` with both of the far
+    /// side's addresses, and each of `records` with the addresses given
+    /// (as functions of the far side's IPv4 and IPv6).
+    pub async fn with_records(
+        names: &[&str],
+        records: &[(&str, AddressesOf)],
+    ) -> TestResult<Self> {
+        credbroker_test_support::raise_fd_limit()?;
         let pair = NetnsPair::new()?;
         let far = pair.b();
-        let records: Vec<(&str, Vec<IpAddr>)> = names
-            .iter()
-            .map(|n| (*n, vec![far.ipv4().into(), far.ipv6().into()]))
-            .collect();
-        let mut dns = Dns::start(far.netns(), far.ipv4().into(), &records)?;
+        let (v4, v6): (IpAddr, IpAddr) = (far.ipv4().into(), far.ipv6().into());
+        let mut all: Vec<(&str, Vec<IpAddr>)> = names.iter().map(|n| (*n, vec![v4, v6])).collect();
+        all.extend(records.iter().map(|(n, f)| (*n, f(v4, v6))));
+        let mut dns = Dns::start(far.netns(), v4, &all)?;
         dns.serve(pair.a().netns())?;
-        let dir = tempfile::Builder::new()
-            .prefix("credbroker-pod-")
-            .tempdir()?;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let dir = credbroker_test_support::shared_scratch_dir("pod")?;
         for (sub, mode, owner) in [
             ("config", 0o755, None),
             ("secrets", 0o700, Some(PROXY)),
@@ -126,13 +140,13 @@ impl Pod {
             }
         }
         let pod = Self {
-            pair,
-            dns,
-            dir,
             sidecar: None,
+            dir,
+            dns,
+            pair,
             past_output: String::new(),
             secrets: Vec::new(),
-            agent_saw: String::new(),
+            agent_saw: std::sync::Mutex::new(String::new()),
         };
         let init = pod.netns().exec(SIDECAR).arg("init").output_async().await?;
         if !init.status.success() {
@@ -418,12 +432,12 @@ impl Pod {
             } else {
                 &["--noproxy", "*"][..]
             })
-            .args(["-w", "\n%{http_code} %{http_version}"])
+            .args(["-w", CURL_WRITE_OUT])
             .args(args)
             .output_async()
             .await?;
         let curl = parse_curl(&output);
-        self.agent_saw.push_str(&curl.all_text());
+        self.saw(&curl.all_text());
         Ok(curl)
     }
 
@@ -441,20 +455,56 @@ impl Pod {
         self.curl_as(AGENT, &all).await
     }
 
+    /// Records what an agent-side client received, for the leak scan.
+    pub fn saw(&self, text: &str) {
+        self.agent_saw.lock().unwrap().push_str(text);
+    }
+
     /// Checks that no secret value appears in the sidecar's output (logs
-    /// and audit), its metrics, or anything an agent saw.
+    /// and audit), its metrics, or anything an agent saw: raw, and in the
+    /// encodings an echo takes (base64, hex), found by this test's own
+    /// encoders and again by the sidecar's echo detector (which knows every
+    /// alignment and escape).
     pub fn assert_no_secret_leaked(&self) -> TestResult {
-        let metrics = self.metrics().unwrap_or_default();
+        use base64::Engine as _;
+        let metrics = match self.sidecar.as_ref().map(|c| c.check_running()) {
+            Some(Ok(())) => self.metrics()?,
+            _ => String::new(),
+        };
         let output = self.output();
-        for secret in &self.secrets {
-            for (what, text) in [
-                ("the sidecar's output", &output),
-                ("/metrics", &metrics),
-                ("what the agent saw", &self.agent_saw),
-            ] {
-                if text.contains(secret.as_str()) {
+        let saw = self.agent_saw.lock().unwrap().clone();
+        let values: Vec<credbroker_sidecar::secret::SecretValue> = self
+            .secrets
+            .iter()
+            .map(|s| credbroker_sidecar::secret::SecretValue::copy_from(s.as_bytes()))
+            .collect();
+        let detector = credbroker_sidecar::echo::EchoDetector::new(
+            values.iter().enumerate().map(|(i, v)| (i, "test", v)),
+        )
+        .map_err(|e| Failure(e.to_string()))?;
+        for (what, text) in [
+            ("the sidecar's output", &output),
+            ("/metrics", &metrics),
+            ("what the agent saw", &saw),
+        ] {
+            for secret in &self.secrets {
+                let b = secret.as_bytes();
+                let forms = [
+                    secret.clone(),
+                    base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+                    b.iter().map(|c| format!("{c:02x}")).collect(),
+                    b.iter().map(|c| format!("{c:02X}")).collect(),
+                ];
+                if forms.iter().any(|f| text.contains(f.as_str())) {
                     return Err(Failure(format!("a secret value appears in {what}")));
                 }
+            }
+            if let Err(found) = detector.check(text.as_bytes()) {
+                return Err(Failure(format!(
+                    "a secret value appears in {what} ({})",
+                    found.encoding
+                )));
             }
         }
         Ok(())
@@ -471,15 +521,23 @@ impl Pod {
     }
 }
 
+/// What curl writes after the body: a marker, the response headers as
+/// JSON (so the leak scan sees them), then status and version.
+const CURL_WRITE_OUT: &str = "\n--credbroker-curl--\n%{header_json}\n%{http_code} %{http_version}";
+
 fn parse_curl(output: &Output) -> Curl {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, tail) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+    let (body, rest) = stdout
+        .rsplit_once("\n--credbroker-curl--\n")
+        .unwrap_or(("", stdout.as_str()));
+    let (headers, tail) = rest.rsplit_once('\n').unwrap_or(("", rest));
     let mut parts = tail.split_whitespace();
     let status = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let version = parts.next().unwrap_or("").to_string();
     Curl {
         status,
         body: body.to_string(),
+        headers: headers.to_string(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         exit: output.status.code().unwrap_or(-1),
         version,
