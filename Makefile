@@ -44,8 +44,8 @@ fmt:
 	$(CARGO) fmt --all
 
 ## fuzz: every fuzz target for FUZZ_SECONDS seconds each (cargo fuzz).
-fuzz:
-	hack/fuzz.sh $(FUZZ_SECONDS)
+fuzz: setup
+	@set -a; source $(TEST_ENV); set +a; hack/fuzz.sh $(FUZZ_SECONDS)
 
 ## crds: regenerate crds/generated/*.yaml from the Rust types.
 crds:

