@@ -106,8 +106,9 @@ pub struct EngineArgs {
     #[arg(long, env = "CREDBROKER_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
 
-    /// Keep using the last good value this long while the secret source
-    /// does not answer; then refuse requests that need it.
+    /// While the secret source does not answer, keep using the last good
+    /// value this long past its next expected read (the binding's
+    /// refreshInterval); then refuse requests that need it.
     #[arg(long, env = "CREDBROKER_MAX_STALENESS", value_parser = duration, default_value = "5m")]
     pub max_staleness: Duration,
 

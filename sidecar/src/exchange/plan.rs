@@ -210,12 +210,12 @@ pub fn plan(
                 )));
             }
             Decision::Block { binding, reason } => {
-                let (code, detail) = block_reason(&reason);
+                let (code, detail) = block_reason(&reason, &method, &destination);
                 return Err(refuse(Refusal::blocked(binding, code, detail)));
             }
         }
     } else if let Some(binding) = seen.iter().position(|s| s.any()) {
-        let (code, detail) = block_reason(&BlockReason::DestinationNotBound);
+        let (code, detail) = block_reason(&BlockReason::DestinationNotBound, &method, &destination);
         return Err(refuse(Refusal::blocked(binding, code, detail)));
     } else {
         Vec::new()
@@ -308,17 +308,37 @@ pub fn plan(
     })
 }
 
-fn block_reason(reason: &BlockReason) -> (&'static str, String) {
-    match reason {
-        BlockReason::SurfaceNotAllowed(s) => (
-            reason.as_str(),
-            format!(
-                "its binding does not allow the {} surface",
-                surface_name(*s)
-            ),
+/// The code and the sentence of a decision's refusal. The path is left out
+/// of the sentence: it is the agent's, unbounded, and already in the audit
+/// record (cut).
+fn block_reason(
+    reason: &BlockReason,
+    method: &Method,
+    destination: &str,
+) -> (&'static str, String) {
+    let detail = match reason {
+        BlockReason::DestinationNotBound => {
+            format!("{destination} is not a destination of the placeholder's binding")
+        }
+        BlockReason::Cleartext => {
+            format!("the binding does not allow cleartext HTTP to {destination}")
+        }
+        BlockReason::MethodNotAllowed => {
+            format!("the binding does not allow {method} to {destination}")
+        }
+        BlockReason::PathNotAllowed => {
+            format!("the binding does not allow this path on {destination}")
+        }
+        BlockReason::PathNotNormalized => format!(
+            "the path has dot-segments or encoded separators, and the binding limits paths on \
+             {destination}"
         ),
-        other => (other.as_str(), other.as_str().replace('_', " ")),
-    }
+        BlockReason::SurfaceNotAllowed(s) => format!(
+            "the binding does not allow its placeholder in the {} toward {destination}",
+            surface_name(*s)
+        ),
+    };
+    (reason.as_str(), detail)
 }
 
 fn surface_name(s: Surface) -> &'static str {
@@ -596,17 +616,20 @@ fn swap_head(
         allowed: injected.clone(),
         form: Form::Raw,
     };
-    let refused = |e: SubstituteError| {
-        match e {
+    let refused = |e: SubstituteError| match e {
         SubstituteError::UnsafeForHeader { binding, .. } => Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Outcome::SecretUnavailable,
             "value_unsafe_for_header",
-            "the secret holds CR, LF, NUL or another control character, which a header cannot carry",
+            "the secret holds CR, LF, NUL or another control character, which a header cannot \
+             carry",
         )
         .for_binding(binding),
-        other => Refusal::blocked(other.binding(), other.reason(), other.reason().replace('_', " ")),
-    }
+        other => Refusal::blocked(
+            other.binding(),
+            other.reason(),
+            other.reason().replace('_', " "),
+        ),
     };
     for (name, value) in parts.headers.iter_mut() {
         let replaced = if *name == header::AUTHORIZATION

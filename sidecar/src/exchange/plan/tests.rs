@@ -315,7 +315,7 @@ fn refusals_name_the_reason() {
             tls("a.beta.test", 8443),
             StatusCode::FORBIDDEN,
             "exfiltration_blocked",
-            "query surface",
+            "in the query toward",
         ),
         (
             head(
@@ -750,4 +750,33 @@ fn the_local_proxy_takes_absolute_form_http_and_tunnels_keep_their_host() {
         .0,
     );
     assert_eq!(r.decision.as_str(), "misdirected");
+}
+
+#[test]
+fn decision_refusals_say_what_was_refused_in_words() {
+    let bearer = format!("Bearer {ALPHA}");
+    let cases = [
+        (
+            head(
+                "GET",
+                "/x",
+                &[("host", "a.beta.test:8443"), ("authorization", &bearer)],
+            ),
+            tls("a.beta.test", 8443),
+            "a.beta.test:8443 is not a destination of the placeholder's binding",
+        ),
+        (
+            head(
+                "DELETE",
+                "/v1/x",
+                &[("host", "api.alpha.test"), ("authorization", &bearer)],
+            ),
+            tls("api.alpha.test", 443),
+            "the binding does not allow DELETE to api.alpha.test:443",
+        ),
+    ];
+    for (parts, conn, detail) in cases {
+        let r = refused(run(parts, true, conn).0);
+        assert_eq!(r.detail, detail);
+    }
 }
