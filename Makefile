@@ -3,8 +3,9 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
-# The environment the tests need (KUBEBUILDER_ASSETS, CREDBROKER_BAO), as
-# written by hack/setup.sh (its progress goes to stderr).
+# The environment the tests need (KUBEBUILDER_ASSETS, CREDBROKER_BAO,
+# CREDBROKER_CARGO_FUZZ), as written by hack/setup.sh (its progress goes to
+# stderr).
 TEST_ENV := target/credbroker-test.env
 # Seconds per fuzz target: a smoke run in `make test`, longer in `make fuzz`.
 FUZZ_SMOKE_SECONDS ?= 10

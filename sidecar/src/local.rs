@@ -132,6 +132,11 @@ fn connect(
     if !snapshot.covers(&host, port, true) && engine.settings.egress == EgressMode::Deny {
         engine.metrics.connection("refused_egress");
         let mut record = AuditRecord::new(&format!("{host}:{port}"), "CONNECT", "");
+        record.protocol = Some(if request.version() == http::Version::HTTP_2 {
+            "h2"
+        } else {
+            "h1"
+        });
         record.decision = Outcome::EgressDenied;
         record.reason = Some("egress_deny");
         record.status = Some(403);

@@ -39,6 +39,10 @@ pub struct ProxyArgs {
     /// connections would be captured and loop back into it.
     #[arg(long, env = "CREDBROKER_PROXY_UID", default_value_t = crate::init::DEFAULT_PROXY_UID)]
     pub proxy_uid: u32,
+    /// The GID `init` exempted with the UID (`init --proxy-gid`): the
+    /// exemption matches both, so the sidecar checks both.
+    #[arg(long, env = "CREDBROKER_PROXY_GID", default_value_t = crate::init::DEFAULT_PROXY_GID)]
+    pub proxy_gid: u32,
     /// The bindings (the controller's ConfigMap key); absent means none.
     #[arg(
         long,
@@ -312,12 +316,16 @@ pub async fn run_proxy(args: ProxyArgs) -> Result<()> {
     harden(args.engine.max_connections)?;
     let dirs = args.engine.resolve(false, None, None)?;
     init_logging(dirs.log_format);
-    let uid = nix::unistd::geteuid().as_raw();
-    if uid != args.proxy_uid {
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if (uid, gid) != (args.proxy_uid, args.proxy_gid) {
         return Err(Error::Config(format!(
-            "running as UID {uid}, but init exempts UID {} from capture (--proxy-uid): the \
-             sidecar's own connections would be captured and loop back into it",
-            args.proxy_uid
+            "running as UID {uid} GID {gid}, but init exempts UID {} GID {} from capture \
+             (--proxy-uid, --proxy-gid): the sidecar's own connections would be captured and \
+             loop back into it",
+            args.proxy_uid, args.proxy_gid
         )));
     }
     let files = ConfigFiles::Pod {
