@@ -57,11 +57,7 @@ fn snapshot(n: usize) -> (Snapshot, Vec<String>) {
         .cert_der()
         .clone();
     let tls = Arc::new(UpstreamTls::new(&[ca], &[]).unwrap());
-    let settings = UpstreamSettings {
-        connect_timeout: Duration::from_secs(1),
-        handshake_timeout: Duration::from_secs(1),
-        max_header_bytes: 65536,
-    };
+    let settings = UpstreamSettings::for_tests();
     let secrets = (0..n)
         .map(|i| {
             Slot::State(SecretState::Ready(Secret::usable_for(

@@ -6,6 +6,9 @@
 //! Records go to a writer thread through a bounded queue, so a slow log
 //! pipe never stalls a request; a record that does not fit is counted
 //! (`credbroker_sidecar_audit_records_dropped_total`) and said in a log line.
+//! Security records (`exfiltration_blocked`, `echo_blocked`) wait for room
+//! instead, off the request's thread, within bounds (see
+//! [`AuditLog::record`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +26,11 @@ use crate::{Error, Result};
 pub const MAX_PATH_LEN: usize = 256;
 /// Records the queue holds before new ones are dropped.
 const QUEUE_LEN: usize = 8192;
+/// Security records waiting for room in a full queue, at most; beyond,
+/// they are dropped too (counted and logged): waiting must stay bounded.
+const MAX_WAITING: usize = 1024;
+/// How long a security record waits for room before it is dropped.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The audit record format's version: a field changes meaning or goes
 /// away only with a new version.
@@ -194,6 +202,8 @@ pub struct AuditLog {
     namespace: Option<Arc<str>>,
     metrics: Arc<Metrics>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Security records waiting for room (see [`MAX_WAITING`]).
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -237,6 +247,7 @@ impl AuditLog {
             namespace: namespace.filter(|n| !n.is_empty()).map(Arc::from),
             metrics,
             writer: Arc::new(Mutex::new(Some(writer))),
+            waiting: Arc::default(),
         })
     }
 
@@ -254,11 +265,7 @@ impl AuditLog {
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(line)) if record.decision.is_security_event() => {
-                // Never dropped: wait for the writer (rare, and short: it
-                // only writes lines).
-                if self.tx.send(line).is_err() {
-                    self.metrics.audit_dropped();
-                }
+                self.wait_for_room(line);
             }
             Err(TrySendError::Full(_)) => {
                 self.metrics.audit_dropped();
@@ -268,6 +275,51 @@ impl AuditLog {
                 self.metrics.audit_dropped();
             }
         }
+    }
+
+    /// A security record meets a full queue: it waits for room, off the
+    /// caller's thread (a tokio worker must never block on a slow log
+    /// pipe), for at most [`MAX_WAIT`], with at most [`MAX_WAITING`]
+    /// records waiting. Beyond either bound it is dropped, counted and said
+    /// in a log line: the writer is stalled, and waiting longer would only
+    /// grow memory.
+    fn wait_for_room(&self, line: String) {
+        use std::sync::atomic::Ordering;
+        let dropped = |metrics: &Metrics| {
+            metrics.audit_dropped();
+            tracing::error!("audit writer is stalled; a security audit record was dropped");
+        };
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return dropped(&self.metrics);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Not on a runtime (a plain thread): blocking here is harmless.
+            if self.tx.send(line).is_err() {
+                dropped(&self.metrics);
+            }
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
+        let (tx, metrics, waiting) = (self.tx.clone(), self.metrics.clone(), self.waiting.clone());
+        runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + MAX_WAIT;
+            let mut line = line;
+            loop {
+                match tx.try_send(line) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) if tokio::time::Instant::now() < deadline => {
+                        line = back;
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    Err(_) => {
+                        dropped(&metrics);
+                        break;
+                    }
+                }
+            }
+            waiting.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     /// Writes out what is queued and stops the writer (at shutdown). Other
@@ -339,5 +391,68 @@ mod tests {
         assert_eq!(lines[0]["decision"], "injected");
         assert_eq!(lines[0]["path"], "/v1/chat");
         assert_eq!(lines[1]["path"].as_str().unwrap().len(), MAX_PATH_LEN);
+    }
+
+    /// A log pipe nobody reads: the queue fills, ordinary records are
+    /// dropped, and security records neither block the runtime's thread nor
+    /// get lost once the pipe drains.
+    #[test]
+    fn a_stalled_writer_never_blocks_a_worker_and_security_records_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("audit.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo failed");
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::File::open(fifo).unwrap())
+        };
+        let metrics = Arc::new(Metrics::new());
+        let log = AuditLog::start(&AuditSink::File(fifo), None, None, metrics.clone()).unwrap();
+        let mut reader = reader.join().unwrap();
+
+        const SECURITY: usize = 50;
+        let (done, finished) = std::sync::mpsc::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let recorder = std::thread::spawn(move || {
+            runtime.block_on(async {
+                for _ in 0..QUEUE_LEN + 2000 {
+                    log.record(AuditRecord::new("api.example.com:443", "GET", "/v1/x"));
+                }
+                for _ in 0..SECURITY {
+                    let mut r = AuditRecord::new("evil.example:443", "POST", "/");
+                    r.decision = Outcome::ExfiltrationBlocked;
+                    log.record(r);
+                }
+                // Every record() returned: the thread was never blocked.
+                done.send(()).unwrap();
+                // The waiting records get their room once the pipe drains.
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            });
+            log.close();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("record() blocked on a full queue");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+        recorder.join().unwrap();
+        let security = text
+            .lines()
+            .filter(|l| l.contains("exfiltration_blocked"))
+            .count();
+        assert_eq!(security, SECURITY);
+        let rendered = metrics.render();
+        let dropped: u64 = rendered
+            .lines()
+            .find_map(|l| l.strip_prefix("credbroker_sidecar_audit_records_dropped_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no dropped count in {rendered}"));
+        assert!(dropped > 0, "ordinary records past the queue are dropped");
     }
 }

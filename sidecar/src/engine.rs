@@ -155,6 +155,25 @@ impl Snapshot {
             .map(|(i, _)| i)
             .collect()
     }
+
+    /// The most bytes a body of `len` bytes can become when placeholders of
+    /// `allowed` in it are swapped for their values in `form`: a body made
+    /// only of the placeholder whose value grows the most.
+    pub fn swapped_size_bound(
+        &self,
+        len: u64,
+        allowed: &BindingSet,
+        form: crate::secret::Form,
+    ) -> u64 {
+        allowed
+            .iter()
+            .filter_map(|b| {
+                let value = self.usable_secret(b).ok()?.forms().get(form).len() as u64;
+                let placeholder = self.placeholders.shortest_len(b)? as u64;
+                Some(len.saturating_mul(value).div_ceil(placeholder.max(1)))
+            })
+            .fold(len, u64::max)
+    }
 }
 
 /// Why a binding's secret cannot be used for a request. Only the step: what
@@ -240,6 +259,10 @@ pub struct Engine {
     pub shutdown: CancellationToken,
     /// One permit per open connection (tunnels keep theirs).
     pub connections: Arc<Semaphore>,
+    /// One permit per request in flight upstream, to its response's end: an
+    /// HTTP/2 connection holds one connection permit but may carry 100
+    /// streams, each of which may need an upstream connection of its own.
+    pub upstream_requests: Arc<Semaphore>,
     /// KiB of request bodies being buffered, all requests together.
     pub body_budget: Arc<Semaphore>,
     upstream_tls: Arc<UpstreamTls>,
@@ -271,6 +294,9 @@ impl Engine {
             connect_timeout: settings.connect_timeout,
             handshake_timeout: settings.header_timeout,
             max_header_bytes: settings.max_header_bytes,
+            // Those in flight (at most one per upstream request permit) and
+            // as many idle in the pools.
+            connection_slots: Arc::new(Semaphore::new(max_connections.saturating_mul(2))),
         };
         let empty = Snapshot {
             bindings: Vec::new(),
@@ -281,7 +307,7 @@ impl Engine {
             upstreams: Arc::new(Upstreams::new(
                 upstream_tls.clone(),
                 DestinationTrust::default(),
-                upstream_settings,
+                upstream_settings.clone(),
             )),
         };
         Arc::new(Self {
@@ -292,6 +318,7 @@ impl Engine {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             connections: Arc::new(Semaphore::new(max_connections)),
+            upstream_requests: Arc::new(Semaphore::new(max_connections)),
             body_budget: Arc::new(Semaphore::new(BODY_BUFFER_BUDGET / 1024)),
             upstream_tls,
             upstream_settings,
@@ -409,7 +436,7 @@ impl Engine {
             _ => Arc::new(Upstreams::new(
                 self.upstream_tls.clone(),
                 trust,
-                self.upstream_settings,
+                self.upstream_settings.clone(),
             )),
         };
         Rules {

@@ -506,11 +506,7 @@ mod tests {
                 .clone()
         };
         let tls = Arc::new(crate::tls::UpstreamTls::new(&[ca], &[]).unwrap());
-        let settings = crate::upstream::UpstreamSettings {
-            connect_timeout: std::time::Duration::from_secs(1),
-            handshake_timeout: std::time::Duration::from_secs(1),
-            max_header_bytes: 65536,
-        };
+        let settings = crate::upstream::UpstreamSettings::for_tests();
         Snapshot {
             labels: vec![crate::metrics::BindingLabel(Arc::from("b"))],
             bindings,

@@ -86,9 +86,11 @@ pub fn harden(max_connections: usize) -> Result<()> {
         what: "turning core dumps off (RLIMIT_CORE)".into(),
         source: e.into(),
     })?;
-    // Two descriptors per connection (agent and upstream), and some slack.
+    // Per connection permit: the agent's socket; per upstream request
+    // permit (as many): its upstream socket, and as many again idle in the
+    // pools after a burst; and some slack for listeners and files.
     let want = (max_connections as u64)
-        .saturating_mul(2)
+        .saturating_mul(3)
         .saturating_add(256);
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < want

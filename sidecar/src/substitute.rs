@@ -424,6 +424,15 @@ impl PlaceholderSet {
         self.max_len
     }
 
+    /// The length of `binding`'s shortest placeholder, if it has one here.
+    pub fn shortest_len(&self, binding: usize) -> Option<usize> {
+        self.patterns
+            .iter()
+            .filter(|p| p.binding == binding)
+            .map(|p| p.placeholder.as_bytes().len())
+            .min()
+    }
+
     /// The id of `binding`, if it has a placeholder here.
     pub fn binding_id(&self, binding: usize) -> Option<&str> {
         self.patterns

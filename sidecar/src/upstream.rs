@@ -28,6 +28,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::client::TlsStream;
 
 use crate::tls::UpstreamTls;
@@ -174,6 +175,7 @@ pub struct Connector {
     connect_timeout: Duration,
     handshake_timeout: Duration,
     h1_only: bool,
+    slots: Arc<Semaphore>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -197,10 +199,26 @@ impl Connector {
         let host = uri.host().unwrap_or_default().to_owned();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let what = format!("{host}:{port}");
+        // Pooled connections outlive their requests (idle, up to the pool's
+        // timeout), so requests in flight do not bound them: this does, and
+        // with it the sidecar's descriptors.
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| UpstreamError {
+                step: "busy",
+                message: format!(
+                    "upstream {what}: too many upstream connections are open (--max-connections)"
+                ),
+            })?;
         let addrs = resolve(&host, port).await?;
         let tcp = dial(&what, &addrs, self.connect_timeout).await?;
         if !https {
-            return Ok(TokioIo::new(UpstreamConn::Plain(tcp)));
+            return Ok(TokioIo::new(UpstreamConn {
+                io: UpstreamIo::Plain(tcp),
+                _slot: slot,
+            }));
         }
         let extra = self.trust.for_host(&host, port);
         let tls = tokio::time::timeout(
@@ -220,21 +238,29 @@ impl Connector {
             step: "tls",
             message: e.to_string(),
         })?;
-        Ok(TokioIo::new(UpstreamConn::Tls(Box::new(tls))))
+        Ok(TokioIo::new(UpstreamConn {
+            io: UpstreamIo::Tls(Box::new(tls)),
+            _slot: slot,
+        }))
     }
 }
 
-/// A connection to an upstream.
-pub enum UpstreamConn {
+/// A connection to an upstream, holding its place among those open.
+pub struct UpstreamConn {
+    io: UpstreamIo,
+    _slot: OwnedSemaphorePermit,
+}
+
+enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Connection for UpstreamConn {
     fn connected(&self) -> Connected {
-        match self {
-            Self::Plain(_) => Connected::new(),
-            Self::Tls(tls) => {
+        match &self.io {
+            UpstreamIo::Plain(_) => Connected::new(),
+            UpstreamIo::Tls(tls) => {
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
                 if h2 {
                     Connected::new().negotiated_h2()
@@ -252,9 +278,9 @@ impl AsyncRead for UpstreamConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -265,9 +291,9 @@ impl AsyncWrite for UpstreamConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -276,40 +302,56 @@ impl AsyncWrite for UpstreamConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
 /// How the pooled clients are tuned.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_header_bytes: u32,
+    /// One permit per open upstream connection, shared by every client
+    /// built with these settings (across config reloads).
+    pub connection_slots: Arc<Semaphore>,
+}
+
+impl UpstreamSettings {
+    /// Short timeouts and a few connections, for tests and benchmarks.
+    #[doc(hidden)]
+    pub fn for_tests() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+            max_header_bytes: 65536,
+            connection_slots: Arc::new(Semaphore::new(64)),
+        }
+    }
 }
 
 /// The pooled clients for one set of destinations' trust.
@@ -331,6 +373,7 @@ impl Upstreams {
                 connect_timeout: settings.connect_timeout,
                 handshake_timeout: settings.handshake_timeout,
                 h1_only,
+                slots: settings.connection_slots.clone(),
             };
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -428,5 +471,34 @@ mod tests {
             resolve("127.0.0.1", 80).await.unwrap(),
             vec!["127.0.0.1:80".parse().unwrap()]
         );
+    }
+
+    #[tokio::test]
+    async fn upstream_connections_are_capped_and_a_closed_one_frees_its_place() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let ca = {
+            let dir = tempfile::tempdir().unwrap();
+            crate::tls::PodCa::load_or_generate(dir.path())
+                .unwrap()
+                .cert_der()
+                .clone()
+        };
+        let connector = Connector {
+            tls: Arc::new(UpstreamTls::new(&[ca], &[]).unwrap()),
+            trust: Arc::default(),
+            connect_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+            h1_only: false,
+            slots: Arc::new(Semaphore::new(1)),
+        };
+        let first = connector.connect(uri.clone()).await.unwrap();
+        let e = connector.connect(uri.clone()).await.err().unwrap();
+        assert_eq!(e.step, "busy");
+        assert!(e.message.contains("--max-connections"), "{}", e.message);
+        drop(first);
+        connector.connect(uri).await.unwrap();
     }
 }

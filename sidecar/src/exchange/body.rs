@@ -50,6 +50,10 @@ pub struct RequestBodyOutcome {
     /// Notified once the body ended (or failed): the upstream's time to
     /// answer counts from then.
     ended: tokio::sync::Notify,
+    /// Set with `ended`, for those who look rather than wait.
+    is_ended: std::sync::atomic::AtomicBool,
+    /// When the upstream side last asked for more of the body.
+    last_polled: Mutex<Option<Instant>>,
 }
 
 impl RequestBodyOutcome {
@@ -69,7 +73,39 @@ impl RequestBodyOutcome {
         self.ended.notified().await;
     }
 
+    /// Resolves once the upstream side has not asked for more of the body
+    /// for `idle` (counted from `since` if it never asked): an upstream that
+    /// stops reading an upload stops polling the body, so the body's own
+    /// idle timer never runs.
+    /// Never resolves once the body has ended (the response timeout runs).
+    pub async fn unread_for(&self, idle: Duration, since: Instant) {
+        loop {
+            if self.is_ended.load(std::sync::atomic::Ordering::Acquire) {
+                return std::future::pending().await;
+            }
+            let last = self
+                .last_polled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unwrap_or(since);
+            let quiet = last.elapsed();
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    }
+
+    fn polled(&self) {
+        *self
+            .last_polled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
     fn end(&self) {
+        self.is_ended
+            .store(true, std::sync::atomic::Ordering::Release);
         // notify_one keeps a permit for a waiter that comes later.
         self.ended.notify_one();
     }
@@ -310,6 +346,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        this.outcome.polled();
         loop {
             if let Some(frame) = this.pending.take() {
                 return Poll::Ready(Some(Ok(frame)));
@@ -586,4 +623,32 @@ pub fn check_headers(detector: &EchoDetector, headers: &HeaderMap) -> Result<(),
         detector.check(name.as_str().as_bytes())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_nobody_reads_times_out_and_an_ended_one_never_does() {
+        let idle = Duration::from_secs(10);
+        let outcome = RequestBodyOutcome::default();
+        let start = Instant::now();
+        outcome.unread_for(idle, start).await;
+        assert_eq!(start.elapsed(), idle);
+
+        // Read a little later: the silence counts from the last read.
+        let outcome = RequestBodyOutcome::default();
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        outcome.polled();
+        outcome.unread_for(idle, start).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(14));
+
+        let outcome = RequestBodyOutcome::default();
+        outcome.end();
+        let waited =
+            tokio::time::timeout(idle * 10, outcome.unread_for(idle, Instant::now())).await;
+        assert!(waited.is_err(), "an ended body is not an unread one");
+    }
 }

@@ -91,6 +91,20 @@ pub async fn handle(
     }
     parts.version = Version::HTTP_11;
 
+    let Ok(slot) = engine.upstream_requests.clone().try_acquire_owned() else {
+        engine.metrics.upstream_error("busy");
+        return txn.refuse(
+            &Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Outcome::UpstreamError,
+                "busy",
+                "too many requests are in flight upstream (--max-connections); retry later",
+            )
+            .at(&plan.destination),
+        );
+    };
+    // Held until the response ends (the accounting's end).
+    txn.upstream_slot = Some(slot);
     let answer = send(&engine, &snapshot, &plan, parts, out_body, &outcome).await;
     if let Some((binding, code)) = outcome.blocked() {
         return txn.refuse(&body_refusal(binding, code, &plan.destination));
@@ -118,7 +132,7 @@ pub async fn handle(
             engine.store().refresh_now(id);
         }
     }
-    if let Err(refusal) = inspect_response_head(&snapshot, &response, &plan, txn.injected()) {
+    if let Err(refusal) = inspect_response_head(&snapshot, &response, &plan) {
         return txn.refuse(&refusal);
     }
     let upgrade = plan.upgrade && status == StatusCode::SWITCHING_PROTOCOLS;
@@ -215,20 +229,29 @@ async fn send(
 ) -> Result<Response<Incoming>, SendRefusal> {
     let client = snapshot.upstreams.client(plan.upgrade);
     let timeout = engine.settings.response_timeout;
+    let idle = engine.settings.idle_timeout;
     let request = client.request(Request::from_parts(parts, body));
     let deadline = async {
-        outcome.ended().await;
-        tokio::time::sleep(timeout).await;
+        tokio::select! {
+            () = async {
+                outcome.ended().await;
+                tokio::time::sleep(timeout).await;
+            } => format!("upstream {} did not answer within {timeout:?}", plan.destination),
+            () = outcome.unread_for(idle, tokio::time::Instant::now()) => format!(
+                "the request body made no progress toward upstream {} within {idle:?}",
+                plan.destination
+            ),
+        }
     };
     let answer = tokio::select! {
         answer = request => answer,
-        () = deadline => {
+        detail = deadline => {
             return Err(SendRefusal {
                 refusal: Refusal::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     Outcome::UpstreamError,
                     "timeout",
-                    format!("upstream {} did not answer within {timeout:?}", plan.destination),
+                    detail,
                 )
                 .at(&plan.destination),
                 upstream_step: Some("timeout"),
@@ -247,14 +270,16 @@ async fn send(
                 ),
             ),
         };
+        // Out of upstream connections is the sidecar's own limit, not a bad
+        // gateway.
+        let status = if step == "busy" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
         SendRefusal {
-            refusal: Refusal::new(
-                StatusCode::BAD_GATEWAY,
-                Outcome::UpstreamError,
-                step,
-                detail,
-            )
-            .at(&plan.destination),
+            refusal: Refusal::new(status, Outcome::UpstreamError, step, detail)
+                .at(&plan.destination),
             upstream_step: Some(step),
         }
     })
@@ -333,15 +358,25 @@ async fn request_body(
                 .and_then(|v| v.parse::<u64>().ok());
             let max = engine.settings.max_buffered_body;
             // Buffer (to send the true length; some upstreams refuse chunked
-            // requests) only what fits this request's limit and the budget
-            // all requests share.
+            // requests) only a body whose size after the swap is bounded by
+            // this request's limit, and only while the budget all requests
+            // share holds that bound.
             let budget = length
                 .filter(|len| *len <= max as u64)
-                .and_then(|len| u32::try_from(len.div_ceil(1024).max(1) * 3 / 2).ok())
-                .and_then(|kib| engine.body_budget.clone().try_acquire_many_owned(kib).ok());
+                .map(|len| snapshot.swapped_size_bound(len, allowed, *form))
+                .filter(|bound| *bound <= max.saturating_add(max / 2) as u64)
+                .and_then(|bound| u32::try_from(bound.div_ceil(1024).max(1)).ok())
+                .and_then(|kib| {
+                    let permit = engine
+                        .body_budget
+                        .clone()
+                        .try_acquire_many_owned(kib)
+                        .ok()?;
+                    Some((permit, kib as usize * 1024))
+                });
             match budget {
-                Some(_permit) => {
-                    let whole = Limited::new(swapping, max.saturating_add(max / 2))
+                Some((_permit, bound)) => {
+                    let whole = Limited::new(swapping, bound)
                         .collect()
                         .await
                         .map_err(|_| match outcome.blocked() {
@@ -437,7 +472,6 @@ fn inspect_response_head(
     snapshot: &Snapshot,
     response: &Response<Incoming>,
     plan: &Plan,
-    carried_a_secret: bool,
 ) -> Result<(), Refusal> {
     let refusal = |code, detail: String| {
         Err(Refusal::new(
@@ -448,19 +482,38 @@ fn inspect_response_head(
         )
         .at(&plan.destination))
     };
-    if carried_a_secret && response.status() == StatusCode::PARTIAL_CONTENT {
-        // Range was dropped from the request; slices of a response that
-        // carries a secret back could each be shorter than an echo needle.
+    if !plan.bound {
+        return Ok(());
+    }
+    if response.status() == StatusCode::PARTIAL_CONTENT {
+        // Range was dropped from the request; slices of a response could
+        // each be shorter than an echo needle and carry a secret back a few
+        // bytes at a time.
         return refusal(
             "partial_response",
             format!(
-                "upstream {} answered a request that carried a secret with a partial response (206)",
+                "upstream {} answered with a partial response (206), which the echo checks \
+                 cannot see whole",
+                plan.destination
+            ),
+        );
+    }
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && response
+            .headers()
+            .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+    {
+        // None was asked for; compressed frames would hide an echo.
+        return refusal(
+            "websocket_extension",
+            format!(
+                "upstream {} negotiated a WebSocket extension that was not asked for",
                 plan.destination
             ),
         );
     }
     let detector = &snapshot.echo;
-    if !plan.bound || detector.is_empty() {
+    if detector.is_empty() {
         return Ok(());
     }
     if let Err(found) = check_headers(detector, response.headers()) {
@@ -555,6 +608,8 @@ pub struct Txn {
     start: Instant,
     /// Time to the response head.
     head_latency: Option<Duration>,
+    /// This request's place among those in flight upstream.
+    upstream_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     done: bool,
 }
 
@@ -588,6 +643,7 @@ impl Txn {
             body: None,
             start: Instant::now(),
             head_latency: None,
+            upstream_slot: None,
             done: false,
         }
     }

@@ -194,6 +194,17 @@ pub fn plan(
     let bound = snapshot.covers(&target.host, target.port, target.tls);
     let named = target.tls || snapshot.names(&target.host, target.port);
 
+    // Hop-by-hop headers go before anything is looked for: a header the
+    // agent names in `Connection` (`Connection: authorization`) is never
+    // forwarded, so a placeholder in it must neither be swapped nor count.
+    let upgrade = is_websocket_upgrade(parts);
+    if upgrade {
+        // No permessage-deflate: compressed frames would hide an echo.
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::EXPECT);
+
     let seen = scan(parts, snapshot).map_err(refuse)?;
     let inject = if named {
         match decide(&snapshot.bindings, &seen, &facts) {
@@ -205,7 +216,8 @@ pub fn plan(
                     "authority_mismatch",
                     format!(
                         "the request's authority {:?} is not this connection's destination {}",
-                        target.authority, destination
+                        crate::audit::cut(&target.authority, crate::audit::MAX_PATH_LEN),
+                        destination
                     ),
                 )));
             }
@@ -244,49 +256,40 @@ pub fn plan(
         }
     }
     let injected: BindingSet = inject.iter().copied().collect();
+    let body = body_plan(parts, body_empty, snapshot, &facts).map_err(refuse)?;
+    // The bindings whose secrets this request may carry: swapped into the
+    // head, or allowed into the body (judged before the body is seen).
+    let mut may_carry = injected.clone();
+    if let BodyPlan::Replace { allowed, .. } = &body {
+        may_carry.union_with(allowed);
+    }
+    if let Some(limited) = may_carry
+        .iter()
+        .find(|&b| limits_method_or_path(snapshot, b))
+        && let Some(what) = method_or_path_override(parts)
+    {
+        return Err(refuse(Refusal::blocked(
+            limited,
+            "override_header_not_allowed",
+            format!("{what} would override the method or path this binding limits"),
+        )));
+    }
     if !injected.is_empty() {
-        let limited = injected
-            .iter()
-            .filter_map(|b| snapshot.bindings.get(b))
-            .any(|b| {
-                b.destinations
-                    .iter()
-                    .any(|d| !d.methods.is_empty() || !d.paths.is_empty())
-            });
-        if limited
-            && let Some(name) = OVERRIDE_HEADERS
-                .iter()
-                .find(|h| parts.headers.contains_key(**h))
-        {
-            return Err(refuse(Refusal::blocked(
-                inject[0],
-                "override_header_not_allowed",
-                format!("{name} would override the method or path this binding limits"),
-            )));
-        }
         swap_head(parts, snapshot, &injected, &seen).map_err(refuse)?;
-        // A response in slices shorter than the echo checks' needles would
-        // carry a reflected secret back a few bytes at a time.
-        parts.headers.remove(header::RANGE);
-        parts.headers.remove(header::IF_RANGE);
     }
-
-    let upgrade = is_websocket_upgrade(parts);
-    if upgrade {
-        // No permessage-deflate: compressed frames would hide an echo.
-        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
-    }
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(header::EXPECT);
     if bound {
-        // So that echoes can be seen (invariant 4).
+        // So that echoes can be seen (invariant 4): no compression, and no
+        // slices, which could each be shorter than the echo checks' needles
+        // and carry a stored secret back a few bytes at a time.
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
+        for name in RANGE_HEADERS {
+            parts.headers.remove(name);
+        }
     }
 
-    let body = body_plan(parts, body_empty, snapshot, &facts).map_err(refuse)?;
     let route = match conn.original {
         // An unbound cleartext request carrying no placeholder goes where
         // the agent's connection was going (its Host may be a virtual host
@@ -587,7 +590,8 @@ fn is_reflected_header(name: &HeaderName) -> bool {
         "x-container-meta-",
     ];
     let name = name.as_str();
-    EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+    EXACT.iter().any(|e| same_header_name(name, e))
+        || PREFIXES.iter().any(|p| starts_like_header(name, p))
 }
 
 /// Headers that ask the upstream to act as if the method or the path were
@@ -601,6 +605,78 @@ const OVERRIDE_HEADERS: [&str; 5] = [
     "x-original-url",
     "x-rewrite-url",
 ];
+
+/// The query parameter Rails, Laravel and Symfony read as the method.
+const OVERRIDE_PARAMETER: &str = "_method";
+
+/// Range requests, including Azure's own header.
+const RANGE_HEADERS: [&str; 3] = ["range", "if-range", "x-ms-range"];
+
+fn limits_method_or_path(snapshot: &Snapshot, binding: usize) -> bool {
+    snapshot.bindings.get(binding).is_some_and(|b| {
+        b.destinations
+            .iter()
+            .any(|d| !d.methods.is_empty() || !d.paths.is_empty())
+    })
+}
+
+/// A header or query parameter that would make the upstream act on another
+/// method or path, named for the refusal.
+fn method_or_path_override(parts: &Parts) -> Option<String> {
+    if let Some(name) = parts.headers.keys().find(|n| {
+        OVERRIDE_HEADERS
+            .iter()
+            .any(|o| same_header_name(n.as_str(), o))
+    }) {
+        return Some(name.as_str().to_owned());
+    }
+    let query = parts.uri.query()?;
+    query
+        .split('&')
+        .map(|pair| pair.split('=').next().unwrap_or(""))
+        .any(|key| decodes_to_ignoring_case(key, OVERRIDE_PARAMETER))
+        .then(|| format!("the query parameter {OVERRIDE_PARAMETER}"))
+}
+
+/// Whether the percent-encoded `s` decodes to `want`, ASCII case ignored
+/// (`%5Fmethod` and `_METHOD` are `_method` to a framework).
+fn decodes_to_ignoring_case(s: &str, want: &str) -> bool {
+    let (mut s, mut want) = (s.as_bytes(), want.as_bytes());
+    while let Some((&w, rest)) = want.split_first() {
+        let (byte, len) = match s {
+            [b'%', h, l, ..] => match (hex_value(*h), hex_value(*l)) {
+                (Some(h), Some(l)) => ((h << 4) | l, 3),
+                _ => (b'%', 1),
+            },
+            [b, ..] => (*b, 1),
+            [] => return false,
+        };
+        if !byte.eq_ignore_ascii_case(&w) {
+            return false;
+        }
+        (s, want) = (&s[len..], rest);
+    }
+    s.is_empty()
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Header names as gateways that map them to `HTTP_*` variables (CGI, Rack,
+/// WSGI) see them: `_` and `-` are the same there, so `X_HTTP_Method` is
+/// `X-HTTP-Method`. `name` is lower case, as `http` keeps names.
+fn same_header_name(name: &str, canonical: &str) -> bool {
+    name.len() == canonical.len() && starts_like_header(name, canonical)
+}
+
+fn starts_like_header(name: &str, prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix.bytes())
+            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+}
 
 /// Swaps the placeholders of `injected` in header values, basic-auth
 /// credentials and the query; every swapped header is marked sensitive.

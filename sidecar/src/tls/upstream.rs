@@ -154,12 +154,31 @@ impl UpstreamTls {
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>());
                 match tls {
                     Some(rustls::Error::InvalidCertificate(reason)) => Error::Tls(format!(
-                        "upstream {host}: certificate refused ({reason:?}); not trusted by the \
-                         system roots or configured CAs for this name"
+                        "upstream {host}: certificate refused ({}); not trusted by the system \
+                         roots or configured CAs for this name",
+                        certificate_problem(reason)
                     )),
                     _ => Error::Tls(format!("upstream {host}: TLS handshake failed: {e}")),
                 }
             })
+    }
+}
+
+/// What is wrong with a refused certificate, in our words: rustls's own
+/// description may quote the names the certificate carries, which the
+/// upstream chose.
+fn certificate_problem(reason: &rustls::CertificateError) -> &'static str {
+    use rustls::CertificateError as C;
+    match reason {
+        C::UnknownIssuer => "issued by a CA not trusted here",
+        C::NotValidForName | C::NotValidForNameContext { .. } => "not valid for this name",
+        C::Expired | C::ExpiredContext { .. } => "expired",
+        C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet",
+        C::BadSignature => "badly signed",
+        C::Revoked => "revoked",
+        C::BadEncoding => "malformed",
+        C::InvalidPurpose => "not issued for TLS servers",
+        _ => "not acceptable",
     }
 }
 

@@ -54,11 +54,7 @@ fn snapshot_with(states: [SecretState; 3]) -> Snapshot {
             .clone()
     };
     let tls = Arc::new(UpstreamTls::new(&[ca], &[]).unwrap());
-    let settings = UpstreamSettings {
-        connect_timeout: Duration::from_secs(1),
-        handshake_timeout: Duration::from_secs(1),
-        max_header_bytes: 65536,
-    };
+    let settings = UpstreamSettings::for_tests();
     Snapshot {
         labels: bindings
             .iter()
@@ -623,16 +619,142 @@ fn override_and_reflected_headers_and_ranges_are_handled() {
     let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
     planned(result);
     assert!(parts.headers.get("range").is_none() && parts.headers.get("if-range").is_none());
+    // So does any request to a bound host: a secret stored there through an
+    // allowed swap must not come back in slices.
     let parts = head(
         "GET",
         "/v1/x",
-        &[("host", "api.alpha.test"), ("range", "bytes=0-3")],
+        &[("host", "api.alpha.test"), ("x-ms-range", "bytes=0-3")],
     );
     let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
     planned(result);
+    assert!(parts.headers.get("x-ms-range").is_none());
+    let parts = head(
+        "GET",
+        "/x",
+        &[("host", "other.test"), ("range", "bytes=0-3")],
+    );
+    let (result, parts) = run(parts, true, cleartext(80));
+    planned(result);
     assert!(
         parts.headers.get("range").is_some(),
-        "a request without a secret keeps its range"
+        "a request to an unbound host keeps its range"
+    );
+}
+
+#[test]
+fn overrides_are_refused_in_every_spelling_and_for_body_secrets_too() {
+    let auth = format!("Bearer {ALPHA}");
+    // (target, headers besides Host, whether the body is empty)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, bool);
+    let cases: Vec<Case<'_>> = vec![
+        // As CGI-style gateways read header names.
+        (
+            "/v1/x",
+            vec![
+                ("authorization", &auth),
+                ("x_http_method_override", "DELETE"),
+            ],
+            true,
+        ),
+        // The framework parameter, plain and percent-encoded.
+        (
+            "/v1/x?a=1&_method=DELETE",
+            vec![("authorization", &auth)],
+            true,
+        ),
+        (
+            "/v1/x?%5FMETHOD=DELETE",
+            vec![("authorization", &auth)],
+            true,
+        ),
+        // No secret in the head, but alpha's may go into the body.
+        (
+            "/v1/x",
+            vec![
+                ("content-type", "application/json"),
+                ("x-http-method-override", "DELETE"),
+            ],
+            false,
+        ),
+    ];
+    for (uri, headers, body_empty) in cases {
+        let mut all = vec![("host", "api.alpha.test")];
+        all.extend(headers.iter().copied());
+        let r = refused(
+            run(
+                head("POST", uri, &all),
+                body_empty,
+                tls("api.alpha.test", 443),
+            )
+            .0,
+        );
+        assert_eq!(
+            (r.code, r.binding),
+            ("override_header_not_allowed", Some(0)),
+            "{uri} {headers:?}"
+        );
+    }
+    // A parameter that only looks like it stays.
+    let parts = head(
+        "POST",
+        "/v1/x?x_method=1&_methods=2",
+        &[("host", "api.alpha.test"), ("authorization", &auth)],
+    );
+    planned(run(parts, true, tls("api.alpha.test", 443)).0);
+    // Reflected headers in their underscore spelling too.
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[("host", "api.alpha.test"), ("user_agent", ALPHA)],
+    );
+    let r = refused(run(parts, true, tls("api.alpha.test", 443)).0);
+    assert_eq!(r.code, "placeholder_in_reflected_header");
+}
+
+#[test]
+fn a_placeholder_in_a_header_connection_drops_is_not_swapped_or_counted() {
+    let parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test"),
+            ("connection", "authorization"),
+            ("authorization", &format!("Bearer {ALPHA}")),
+        ],
+    );
+    let (result, parts) = run(parts, true, tls("api.alpha.test", 443));
+    let plan = planned(result);
+    assert!(plan.injected.is_empty(), "{:?}", plan.injected);
+    assert!(parts.headers.get("authorization").is_none());
+}
+
+#[test]
+fn the_buffered_size_bound_covers_a_body_of_nothing_but_placeholders() {
+    // A value longer than its placeholder, and longer still in JSON.
+    let value = "\"".repeat(100);
+    let snapshot = snapshot_with([
+        ready(&value),
+        ready("beta-secret-value"),
+        ready("plain-secret-value"),
+    ]);
+    let alpha: BindingSet = [0].into_iter().collect();
+    let placeholder = ALPHA.len() as u64;
+    assert_eq!(snapshot.swapped_size_bound(0, &alpha, Form::Raw), 0);
+    assert_eq!(
+        snapshot.swapped_size_bound(placeholder * 10, &alpha, Form::Raw),
+        1000
+    );
+    assert_eq!(
+        snapshot.swapped_size_bound(placeholder * 10, &alpha, Form::Json),
+        2000
+    );
+    // A body shorter than a placeholder is bounded all the same.
+    assert_eq!(snapshot.swapped_size_bound(1, &alpha, Form::Raw), 4);
+    // Nothing allowed: the body stays as it is.
+    assert_eq!(
+        snapshot.swapped_size_bound(1000, &BindingSet::new(), Form::Raw),
+        1000
     );
 }
 
