@@ -60,8 +60,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let seen = seen.lock().unwrap();
     for (i, target) in seen.iter().enumerate() {
         match guard.targets.get(i) {
+            // http's Uri drops a fragment (`/a#b` is served as `/a`); the
+            // guard keeps the target as sent.
             Some(ours) => assert_eq!(
-                ours, target,
+                ours.split('#').next().unwrap_or(""),
+                target,
                 "request {i}: hyper served {target:?}, the guard's verdict is for {ours:?}"
             ),
             None => assert!(

@@ -43,6 +43,25 @@ pub struct Listener {
     pub what: &'static str,
 }
 
+impl Listener {
+    /// A listener of agents' connections: they count against the engine's
+    /// cap, run on its tracker (the drain waits for them) and in its metrics.
+    pub fn for_agents(
+        engine: &crate::engine::Engine,
+        listener: TcpListener,
+        what: &'static str,
+    ) -> Self {
+        Self {
+            listener,
+            limit: engine.connections.clone(),
+            tasks: engine.tasks.clone(),
+            shutdown: engine.shutdown.clone(),
+            metrics: Some(engine.metrics.clone()),
+            what,
+        }
+    }
+}
+
 /// Accepts until shutdown, running `handle` for each connection on the
 /// tracker. A connection past the cap is closed at once.
 pub async fn accept_loop<F, Fut>(l: Listener, handle: F)

@@ -22,21 +22,16 @@ use crate::audit::{AuditRecord, Outcome};
 use crate::config::EgressMode;
 use crate::engine::Engine;
 use crate::exchange::guard::GuardedIo;
-use crate::exchange::{ConnInfo, RespBody, handler, http1_builder, json_response};
+use crate::exchange::{
+    ConnInfo, RespBody, handler, http1_builder, json_response, serve_h1_until_shutdown,
+};
 use crate::intercept::{PeekTimeouts, peek_client_hello};
 use crate::listen::{ConnGuard, Listener, accept_loop};
 use crate::route::{Destination, Dial, route};
 
 /// Serves proxy clients on `listener` until shutdown.
 pub async fn serve(engine: Arc<Engine>, listener: TcpListener) {
-    let l = Listener {
-        listener,
-        limit: engine.connections.clone(),
-        tasks: engine.tasks.clone(),
-        shutdown: engine.shutdown.clone(),
-        metrics: Some(engine.metrics.clone()),
-        what: "local",
-    };
+    let l = Listener::for_agents(&engine, listener, "local");
     accept_loop(l, move |stream, guard| {
         serve_client(engine.clone(), stream, guard)
     })
@@ -75,15 +70,7 @@ async fn serve_client(engine: Arc<Engine>, stream: TcpStream, guard: Arc<ConnGua
     let conn = http1_builder(&engine.settings)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
+    if let Err(e) = serve_h1_until_shutdown(conn, &shutdown).await {
         tracing::debug!(error = %e, "proxy client connection ended");
     }
 }

@@ -13,14 +13,7 @@ use crate::route::{Destination, Dial, route};
 
 /// Serves redirected connections on `listener` until shutdown.
 pub async fn serve(engine: Arc<Engine>, listener: TcpListener) {
-    let l = Listener {
-        listener,
-        limit: engine.connections.clone(),
-        tasks: engine.tasks.clone(),
-        shutdown: engine.shutdown.clone(),
-        metrics: Some(engine.metrics.clone()),
-        what: "proxy",
-    };
+    let l = Listener::for_agents(&engine, listener, "proxy");
     accept_loop(l, move |stream, guard| {
         handle(engine.clone(), stream, guard)
     })

@@ -498,14 +498,7 @@ mod tests {
         ))
         .unwrap()
         .bindings;
-        let ca = {
-            let dir = tempfile::tempdir().unwrap();
-            crate::tls::PodCa::load_or_generate(dir.path())
-                .unwrap()
-                .cert_der()
-                .clone()
-        };
-        let tls = Arc::new(crate::tls::UpstreamTls::new(&[ca], &[]).unwrap());
+        let tls = crate::tls::throwaway_upstream_tls();
         let settings = crate::upstream::UpstreamSettings::for_tests();
         Snapshot {
             labels: vec![crate::metrics::BindingLabel(Arc::from("b"))],

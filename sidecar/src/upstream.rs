@@ -479,15 +479,8 @@ mod tests {
         let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
             .parse()
             .unwrap();
-        let ca = {
-            let dir = tempfile::tempdir().unwrap();
-            crate::tls::PodCa::load_or_generate(dir.path())
-                .unwrap()
-                .cert_der()
-                .clone()
-        };
         let connector = Connector {
-            tls: Arc::new(UpstreamTls::new(&[ca], &[]).unwrap()),
+            tls: crate::tls::throwaway_upstream_tls(),
             trust: Arc::default(),
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(1),

@@ -85,6 +85,29 @@ pub fn http1_builder(settings: &EngineSettings) -> hyper::server::conn::http1::B
     builder
 }
 
+/// Runs an agent-facing HTTP/1.1 connection until it ends, or until
+/// `shutdown`, after which the request in flight completes and it closes.
+pub async fn serve_h1_until_shutdown<I, S, B>(
+    conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
 /// Serves one connection until it closes or the engine shuts down (then
 /// in-flight requests complete and it closes).
 pub async fn serve<IO>(io: IO, protocol: Protocol, info: ConnInfo, engine: Arc<Engine>)
@@ -112,15 +135,7 @@ where
             let conn = http1_builder(settings)
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
+            if let Err(e) = serve_h1_until_shutdown(conn, &shutdown).await {
                 tracing::debug!(error = %e, connection = %info.describe(), "HTTP/1.1 connection ended");
             }
         }

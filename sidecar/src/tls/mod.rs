@@ -33,6 +33,15 @@ pub use upstream::UpstreamTls;
 
 use crate::{Error, Result};
 
+/// Upstream TLS that trusts only a freshly generated CA, for unit tests
+/// that build engine snapshots but never dial TLS.
+#[cfg(test)]
+pub(crate) fn throwaway_upstream_tls() -> Arc<UpstreamTls> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = PodCa::load_or_generate(dir.path()).expect("a throwaway CA");
+    Arc::new(UpstreamTls::new(&[ca.cert_der().clone()], &[]).expect("upstream TLS"))
+}
+
 /// ALPN protocol ids, in our order of preference, for both sides.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";

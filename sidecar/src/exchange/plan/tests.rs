@@ -13,7 +13,6 @@ use crate::engine::Slot;
 use crate::metrics::BindingLabel;
 use crate::store::{Secret, SecretState};
 use crate::substitute::PlaceholderSet;
-use crate::tls::UpstreamTls;
 use crate::upstream::{DestinationTrust, UpstreamSettings, Upstreams};
 
 const ALPHA: &str = "sk-alpha0123456789abcdefghijkl";
@@ -46,14 +45,7 @@ fn snapshot_with(states: [SecretState; 3]) -> Snapshot {
             .collect(),
     );
     let set = PlaceholderSet::from_config(&bindings, &placeholders).unwrap();
-    let ca = {
-        let dir = tempfile::tempdir().unwrap();
-        crate::tls::PodCa::load_or_generate(dir.path())
-            .unwrap()
-            .cert_der()
-            .clone()
-    };
-    let tls = Arc::new(UpstreamTls::new(&[ca], &[]).unwrap());
+    let tls = crate::tls::throwaway_upstream_tls();
     let settings = UpstreamSettings::for_tests();
     Snapshot {
         labels: bindings
@@ -128,6 +120,29 @@ fn refused(result: Result<Plan, Refusal>) -> Refusal {
     match result {
         Ok(plan) => panic!("forwarded: {plan:?}"),
         Err(r) => r,
+    }
+}
+
+/// `GET /v1/x` with alpha's placeholder as a bearer token, planned with
+/// alpha's secret in `state`; it must be refused. The refusal, and the head
+/// as the planner left it.
+fn alpha_bearer_refused_with(state: SecretState) -> (Refusal, Parts) {
+    let snap = snapshot_with([
+        state,
+        ready("beta-secret-value"),
+        ready("plain-secret-value"),
+    ]);
+    let mut parts = head(
+        "GET",
+        "/v1/x",
+        &[
+            ("host", "api.alpha.test"),
+            ("authorization", &format!("Bearer {ALPHA}")),
+        ],
+    );
+    match plan(&mut parts, true, &tls("api.alpha.test", 443), &snap) {
+        Ok(p) => panic!("forwarded: {p:?}"),
+        Err(r) => (r, parts),
     }
 }
 
@@ -368,23 +383,7 @@ fn an_unusable_secret_is_503_never_forwarded_without_it() {
             "staleness",
         ),
     ] {
-        let snap = snapshot_with([
-            state,
-            ready("beta-secret-value"),
-            ready("plain-secret-value"),
-        ]);
-        let mut parts = head(
-            "GET",
-            "/v1/x",
-            &[
-                ("host", "api.alpha.test"),
-                ("authorization", &format!("Bearer {ALPHA}")),
-            ],
-        );
-        let r = match plan(&mut parts, true, &tls("api.alpha.test", 443), &snap) {
-            Ok(p) => panic!("forwarded: {p:?}"),
-            Err(r) => r,
-        };
+        let (r, parts) = alpha_bearer_refused_with(state);
         assert_eq!(
             (r.status, r.decision.as_str(), r.binding),
             (
@@ -404,23 +403,7 @@ fn an_unusable_secret_is_503_never_forwarded_without_it() {
 
 #[test]
 fn a_value_a_header_cannot_carry_is_refused() {
-    let snap = snapshot_with([
-        ready("bad\r\nX-Injected: 1"),
-        ready("beta-secret-value"),
-        ready("plain-secret-value"),
-    ]);
-    let mut parts = head(
-        "GET",
-        "/v1/x",
-        &[
-            ("host", "api.alpha.test"),
-            ("authorization", &format!("Bearer {ALPHA}")),
-        ],
-    );
-    let r = match plan(&mut parts, true, &tls("api.alpha.test", 443), &snap) {
-        Ok(p) => panic!("forwarded: {p:?}"),
-        Err(r) => r,
-    };
+    let (r, _) = alpha_bearer_refused_with(ready("bad\r\nX-Injected: 1"));
     assert_eq!(
         (r.status, r.decision.as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, "secret_unavailable")
