@@ -54,4 +54,4 @@ crds:
 
 ## demo: the five-step journey through Vault and the broker (issue 4).
 demo:
-	@echo "make demo: the demo arrives with the sidecar and the Vault source; it is not built yet." >&2; exit 1
+	@echo "make demo: the demo arrives with the Vault secret source (issue 4); it is not built yet. The sidecar runs today: see docs/sidecar.md." >&2; exit 1
