@@ -1,6 +1,8 @@
 //! The admin port: `/healthz` (the process serves), `/readyz` (config
 //! loaded and every bound secret read; else 503 saying what is missing),
-//! `/metrics` (Prometheus). Nothing here carries a secret or a placeholder.
+//! `/metrics` (Prometheus), `/status` (each binding's secret as the broker
+//! holds it: state, version, a fingerprint). Nothing here carries a secret
+//! or a placeholder.
 //! It has its own small connection cap, so a flood of it cannot take the
 //! proxy's descriptors.
 
@@ -65,6 +67,14 @@ fn answer(engine: &Engine, request: &Request<Incoming>) -> Response<Full<Bytes>>
                 format!("not ready: {why}\n"),
             ),
         },
+        "/status" => {
+            let mut response = text(StatusCode::OK, status_json(engine));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
         "/metrics" => {
             let mut response = text(StatusCode::OK, engine.metrics.render());
             response.headers_mut().insert(
@@ -77,9 +87,46 @@ fn answer(engine: &Engine, request: &Request<Incoming>) -> Response<Full<Bytes>>
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /healthz, /readyz, /metrics\n".into(),
+            "not found: /healthz, /readyz, /metrics, /status\n".into(),
         ),
     }
+}
+
+/// `/status`: per binding, its state, the version in use, the value's
+/// fingerprint (a keyed hash, random per process: it shows a change, and
+/// nothing of the value) and when the source last confirmed it.
+fn status_json(engine: &Engine) -> String {
+    use crate::store::SecretState;
+    let view = engine.store().view();
+    let mut ids: Vec<&String> = view.states.keys().collect();
+    ids.sort();
+    let bindings: Vec<serde_json::Value> = ids
+        .into_iter()
+        .map(|id| match &view.states[id] {
+            SecretState::Pending => serde_json::json!({ "id": id, "state": "pending" }),
+            SecretState::Ready(s) => serde_json::json!({
+                "id": id,
+                "state": if s.usable_at(tokio::time::Instant::now()) { "ready" } else { "stale" },
+                "version": s.version(),
+                "fingerprint": s.fingerprint(),
+                "lastSuccess": s.confirmed_unix(),
+            }),
+            SecretState::Failed(f) => serde_json::json!({
+                "id": id,
+                "state": "failed",
+                "step": f.step,
+                "reason": f.message,
+            }),
+        })
+        .collect();
+    let mut out = serde_json::json!({
+        "source": engine.store().source_kind(),
+        "ready": engine.is_ready().is_ok(),
+        "bindings": bindings,
+    })
+    .to_string();
+    out.push('\n');
+    out
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

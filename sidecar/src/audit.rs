@@ -133,6 +133,10 @@ pub struct AuditRecord {
     /// The status the upstream answered (none when it was not asked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
+    /// Sent a second time, with a newly read value, after the upstream
+    /// refused the first (401/403).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub retried: bool,
     pub latency_ms: f64,
 }
 
@@ -158,6 +162,7 @@ impl AuditRecord {
             detail: None,
             status: None,
             upstream_status: None,
+            retried: false,
             latency_ms: 0.0,
         }
     }
@@ -330,13 +335,27 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        // Other clones still hold senders (the engine's, a request's), so
+        // the channel never disconnects by itself: the writer is told to
+        // stop by an empty line (a record is never empty), queued after
+        // every record sent so far. A stalled writer is not waited for
+        // beyond the deadline.
+        let mut stop = String::new();
+        loop {
+            match self.tx.try_send(stop) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    stop = back;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(TrySendError::Full(_)) => break,
+            }
+        }
         drop(self.tx);
         if let Some(writer) = writer {
-            // The thread ends once every sender is gone; other clones may
-            // still hold one, so do not wait for it forever.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
             while !writer.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
     }
@@ -344,10 +363,16 @@ impl AuditLog {
 
 fn write_records(rx: Receiver<String>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::new(out);
-    while let Ok(line) = rx.recv() {
+    'records: while let Ok(line) = rx.recv() {
+        if line.is_empty() {
+            break;
+        }
         let _ = writeln!(out, "{line}");
         // Batch what is already queued, then flush: one write per burst.
         while let Ok(line) = rx.try_recv() {
+            if line.is_empty() {
+                break 'records;
+            }
             let _ = writeln!(out, "{line}");
         }
         let _ = out.flush();

@@ -54,7 +54,7 @@ fn duration(s: &str) -> std::result::Result<Duration, String> {
     credbroker_crds::duration::parse(s).map_err(|e| e.to_string())
 }
 
-fn positive_duration(s: &str) -> std::result::Result<Duration, String> {
+pub(crate) fn positive_duration(s: &str) -> std::result::Result<Duration, String> {
     let d = duration(s)?;
     if d.is_zero() {
         return Err("must be more than 0".into());
@@ -100,6 +100,9 @@ pub struct EngineArgs {
     /// Where secret values come from.
     #[arg(long, env = "CREDBROKER_SECRET_SOURCE", value_enum, default_value_t = SecretSourceKind::Vault)]
     pub secret_source: SecretSourceKind,
+
+    #[command(flatten)]
+    pub vault: crate::source::vault::VaultArgs,
 
     /// With `--secret-source file`: the directory of secret files
     /// (`DIR/<mount>/<path>` holds the secret's data as a JSON object).

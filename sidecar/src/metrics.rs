@@ -102,6 +102,22 @@ pub struct Metrics {
     secret_state: Family<StateLabels, Gauge>,
     upstream_errors: Family<StepLabels, Counter>,
     audit_dropped: Counter,
+    vault_requests: Family<VaultRequestLabels, Counter>,
+    vault_logins: Family<VaultLoginLabels, Counter>,
+    vault_login_duration: Histogram,
+    vault_token_ttl: Gauge<f64, AtomicU64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VaultRequestLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VaultLoginLabels {
+    method: &'static str,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,6 +230,30 @@ impl Metrics {
             "Audit records lost because the audit writer fell behind",
             audit_dropped.clone(),
         );
+        let vault_requests = Family::<VaultRequestLabels, Counter>::default();
+        registry.register(
+            "vault_requests",
+            "Requests to Vault, by operation (login, kv_metadata, kv_data, kv_read, renew_self, lookup_self, revoke_self) and result (2xx, 403, 404, 5xx, no_answer...)",
+            vault_requests.clone(),
+        );
+        let vault_logins = Family::<VaultLoginLabels, Counter>::default();
+        registry.register(
+            "vault_logins",
+            "Logins to Vault, by auth method and result",
+            vault_logins.clone(),
+        );
+        let vault_login_duration = Histogram::new(LATENCY_BUCKETS);
+        registry.register(
+            "vault_login_duration_seconds",
+            "How long logins to Vault took",
+            vault_login_duration.clone(),
+        );
+        let vault_token_ttl = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "vault_token_ttl_seconds",
+            "The TTL of the Vault token at its last login or renewal (0: it does not expire)",
+            vault_token_ttl.clone(),
+        );
         Self {
             registry,
             requests,
@@ -229,7 +269,31 @@ impl Metrics {
             secret_state,
             upstream_errors,
             audit_dropped,
+            vault_requests,
+            vault_logins,
+            vault_login_duration,
+            vault_token_ttl,
         }
+    }
+
+    pub fn vault_request(&self, op: &'static str, result: &'static str) {
+        self.vault_requests
+            .get_or_create(&VaultRequestLabels { op, result })
+            .inc();
+    }
+
+    pub fn vault_login(&self, method: &'static str, ok: bool, took: std::time::Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.vault_logins
+            .get_or_create(&VaultLoginLabels { method, result })
+            .inc();
+        if ok {
+            self.vault_login_duration.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn vault_token_ttl(&self, seconds: f64) {
+        self.vault_token_ttl.set(seconds);
     }
 
     pub fn upstream_error(&self, step: &'static str) {

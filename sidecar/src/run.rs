@@ -15,6 +15,7 @@ use crate::config::{self, ConfigFiles, EngineArgs, LogFormat, Resolved, SecretSo
 use crate::engine::{Engine, EngineSettings};
 use crate::metrics::Metrics;
 use crate::source::SecretSource;
+use crate::source::vault::{VaultSettings, VaultSource};
 use crate::store::{SecretStore, StoreSettings};
 use crate::tls::{LeafCertCache, PodCa, UpstreamTls};
 use crate::{Error, Result};
@@ -132,9 +133,15 @@ fn settings(args: &EngineArgs) -> EngineSettings {
     }
 }
 
-/// The secret source the flags ask for (checked before anything is
-/// written, so a wrong source fails fast).
-fn secret_source(args: &EngineArgs) -> Result<Arc<dyn SecretSource>> {
+/// The secret source the flags ask for, checked before anything is
+/// written (so a wrong setting fails fast, naming its flag) and built once
+/// the metrics exist.
+enum SourceChoice {
+    File(PathBuf),
+    Vault(Box<VaultSettings>),
+}
+
+fn secret_source(args: &EngineArgs, local: bool) -> Result<SourceChoice> {
     match args.secret_source {
         SecretSourceKind::File => {
             let dir = args
@@ -147,11 +154,31 @@ fn secret_source(args: &EngineArgs) -> Result<Arc<dyn SecretSource>> {
                     dir.display()
                 )));
             }
-            Ok(Arc::new(crate::source::file::FileSource::new(dir)))
+            Ok(SourceChoice::File(dir))
         }
-        SecretSourceKind::Vault => Err(Error::NotImplemented(
-            "the Vault secret source; until it lands, use --secret-source file --secrets-dir DIR",
-        )),
+        SecretSourceKind::Vault => {
+            let token_env = std::env::var_os(crate::source::vault::TOKEN_ENV)
+                .map(|v| crate::secret::SecretValue::new(v.into_encoded_bytes()));
+            VaultSettings::from_args(&args.vault, local, token_env)
+                .map(|s| SourceChoice::Vault(Box::new(s)))
+        }
+    }
+}
+
+impl SourceChoice {
+    fn build(self, metrics: Arc<Metrics>) -> Result<Arc<dyn SecretSource>> {
+        Ok(match self {
+            Self::File(dir) => Arc::new(crate::source::file::FileSource::new(dir)),
+            Self::Vault(settings) => {
+                tracing::info!(
+                    vault = %settings.addr.url(),
+                    method = settings.credentials.method(),
+                    namespace = settings.namespace.as_deref().unwrap_or(""),
+                    "secrets come from Vault"
+                );
+                Arc::new(VaultSource::new(*settings, metrics)?)
+            }
+        })
     }
 }
 
@@ -164,7 +191,7 @@ async fn start(
     local: bool,
 ) -> Result<Arc<Engine>> {
     args.validate()?;
-    let source = secret_source(args)?;
+    let source = secret_source(args, local)?;
     let extra_cas = load_extra_cas(&args.extra_ca_files)?;
     let system_roots = match crate::tls::system_roots() {
         Ok(roots) => roots,
@@ -200,7 +227,7 @@ async fn start(
         metrics.clone(),
     )?;
     let store = SecretStore::new(
-        source,
+        source.build(metrics.clone())?,
         StoreSettings {
             max_staleness: args.max_staleness,
             echo_grace: args.echo_grace,
@@ -303,9 +330,20 @@ async fn drain(engine: &Engine) {
     {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
+    // Our Vault token is revoked, so restarts leave no leases behind.
+    if tokio::time::timeout(SOURCE_SHUTDOWN_TIMEOUT, engine.store().shutdown_source())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the secret source did not let go within {SOURCE_SHUTDOWN_TIMEOUT:?}");
+    }
     let audit = engine.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;
 }
+
+/// How long the secret source gets to let go on shutdown (a Vault token's
+/// revocation).
+const SOURCE_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)

@@ -70,6 +70,11 @@ impl Default for StoreSettings {
 pub struct Secret {
     forms: SecretForms,
     revision: Revision,
+    /// A keyed hash of the value (the key is random per process): shows a
+    /// change of value, and nothing about it.
+    fingerprint: u64,
+    /// When the source last gave or confirmed the value (Unix ms).
+    confirmed_unix_ms: AtomicU64,
     /// Until when the value may be used (ms since the store's epoch): the
     /// next expected read (`refreshInterval`) plus `max_staleness`, pushed
     /// forward by every successful read, so a source outage ends it.
@@ -85,6 +90,8 @@ impl Secret {
         let secret = Self {
             forms: SecretForms::new(crate::secret::SecretValue::copy_from(value)),
             revision: Revision::new(version, 0),
+            fingerprint: 0,
+            confirmed_unix_ms: AtomicU64::new(0),
             usable_until_ms: AtomicU64::new(0),
             epoch,
         };
@@ -101,6 +108,18 @@ impl Secret {
         self.revision.version
     }
 
+    /// The value's fingerprint, as 16 hex digits: equal for equal values
+    /// within one process, and revealing nothing of the value (a keyed
+    /// hash whose key is random per process and never leaves it).
+    pub fn fingerprint(&self) -> String {
+        format!("{:016x}", self.fingerprint)
+    }
+
+    /// When the source last gave or confirmed the value, as Unix seconds.
+    pub fn confirmed_unix(&self) -> f64 {
+        self.confirmed_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
     /// Whether the value may still be used: it was confirmed by the source
     /// within `max_staleness`.
     pub fn usable_at(&self, now: Instant) -> bool {
@@ -109,6 +128,10 @@ impl Secret {
     }
 
     fn confirm(&self, now: Instant, max_staleness: Duration) {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.confirmed_unix_ms.store(unix_ms, Ordering::Relaxed);
         let until = now.saturating_duration_since(self.epoch) + max_staleness;
         self.usable_until_ms.store(
             u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
@@ -169,12 +192,18 @@ struct Entry {
     refresh_now: Arc<Notify>,
     /// When an immediate read was last asked for (they are rate-limited).
     last_forced: Option<Instant>,
+    /// Reads of this binding finished so far, and the count when the last
+    /// immediate read was asked for: while they are equal, it is pending.
+    reads_done: u64,
+    forced_at_read: Option<u64>,
     task: Option<AbortHandle>,
 }
 
 /// The state of every binding's secret, kept current by refresher tasks.
 pub struct SecretStore {
     source: Arc<dyn SecretSource>,
+    /// Keys the values' fingerprints; random per process, never printed.
+    fingerprints: std::collections::hash_map::RandomState,
     settings: StoreSettings,
     metrics: Arc<Metrics>,
     epoch: Instant,
@@ -182,6 +211,8 @@ pub struct SecretStore {
     inner: Mutex<Inner>,
     /// Bumped on every change; the engine rebuilds its snapshot on it.
     changed: watch::Sender<u64>,
+    /// Bumped after every finished read, changed or not.
+    reads_finished: watch::Sender<u64>,
 }
 
 impl SecretStore {
@@ -192,17 +223,30 @@ impl SecretStore {
     ) -> Arc<Self> {
         Arc::new(Self {
             source,
+            fingerprints: Default::default(),
             settings,
             metrics,
             epoch: Instant::now(),
             reads: tokio::sync::Semaphore::new(MAX_CONCURRENT_READS),
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
+            reads_finished: watch::channel(0).0,
         })
     }
 
     pub fn source_kind(&self) -> &'static str {
         self.source.kind()
+    }
+
+    /// Stops every refresher and lets the source go (see
+    /// [`SecretSource::shutdown`]).
+    pub async fn shutdown_source(&self) {
+        for entry in self.lock().entries.values_mut() {
+            if let Some(task) = entry.task.take() {
+                task.abort();
+            }
+        }
+        self.source.shutdown().await;
     }
 
     /// Notified on every change of any binding's state.
@@ -278,6 +322,8 @@ impl SecretStore {
                     loaded_once: false,
                     refresh_now,
                     last_forced: None,
+                    reads_done: 0,
+                    forced_at_read: None,
                     task: Some(task),
                 },
             );
@@ -294,14 +340,73 @@ impl SecretStore {
     /// decides which requests get a 401 or 403, and must not be able to
     /// drive reads of the secret source at its own pace.
     pub fn refresh_now(&self, id: &str) {
-        let now = Instant::now();
-        if let Some(entry) = self.lock().entries.get_mut(id)
-            && entry
-                .last_forced
-                .is_none_or(|t| now.saturating_duration_since(t) >= FORCED_REFRESH_INTERVAL)
-        {
+        if let Some(entry) = self.lock().entries.get_mut(id) {
+            Self::force(entry, Instant::now());
+        }
+    }
+
+    /// Asks for an immediate read unless one was asked for within the
+    /// rate limit. Returns the read count that, once passed, means a read
+    /// asked for now (or still pending from before) has finished; `None`
+    /// when no read is pending.
+    fn force(entry: &mut Entry, now: Instant) -> Option<u64> {
+        let allowed = entry
+            .last_forced
+            .is_none_or(|t| now.saturating_duration_since(t) >= FORCED_REFRESH_INTERVAL);
+        if allowed {
             entry.last_forced = Some(now);
+            entry.forced_at_read = Some(entry.reads_done);
             entry.refresh_now.notify_one();
+            return Some(entry.reads_done);
+        }
+        entry.forced_at_read.filter(|at| *at == entry.reads_done)
+    }
+
+    /// After an upstream refused a request (401/403) that carried the
+    /// values `used` (binding id, the value sent): asks for an immediate
+    /// read of each (rate-limited as [`Self::refresh_now`]) and waits, at
+    /// most `wait`, until a binding holds a value other than the one sent
+    /// (`true`: a retry may succeed) or the reads finished without one.
+    pub async fn refresh_and_wait(&self, used: &[(&str, Arc<Secret>)], wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut finished = self.reads_finished.subscribe();
+        let mut pending: Vec<(String, u64)> = Vec::new();
+        {
+            let now = Instant::now();
+            let mut inner = self.lock();
+            for (id, _) in used {
+                if let Some(entry) = inner.entries.get_mut(*id)
+                    && let Some(at) = Self::force(entry, now)
+                {
+                    pending.push(((*id).to_owned(), at));
+                }
+            }
+        }
+        loop {
+            {
+                let inner = self.lock();
+                let replaced = used.iter().any(|(id, sent)| {
+                    inner.entries.get(*id).is_some_and(
+                        |e| matches!(&e.state, SecretState::Ready(now) if !Arc::ptr_eq(now, sent)),
+                    )
+                });
+                if replaced {
+                    return true;
+                }
+                pending.retain(|(id, at)| {
+                    inner
+                        .entries
+                        .get(id.as_str())
+                        .is_some_and(|e| e.reads_done <= *at)
+                });
+                if pending.is_empty() {
+                    return false;
+                }
+            }
+            tokio::select! {
+                changed = finished.changed() => if changed.is_err() { return false },
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
         }
     }
 
@@ -361,6 +466,7 @@ impl SecretStore {
             // Replaced by a sync while this read was in flight.
             return (known, false);
         }
+        entry.reads_done = entry.reads_done.wrapping_add(1);
         let id = wanted.id.as_str();
         let (next, ok, changed) = match outcome {
             Ok(Fetched::Unchanged) => {
@@ -391,9 +497,15 @@ impl SecretStore {
                     (None, false, changed)
                 }
                 Ok(()) => {
+                    let fingerprint = {
+                        use std::hash::BuildHasher;
+                        self.fingerprints.hash_one(value.expose_secret())
+                    };
                     let secret = Arc::new(Secret {
                         forms: SecretForms::new(value),
                         revision,
+                        fingerprint,
+                        confirmed_unix_ms: AtomicU64::new(0),
                         usable_until_ms: AtomicU64::new(0),
                         epoch: self.epoch,
                     });
@@ -453,6 +565,7 @@ impl SecretStore {
         if changed {
             self.bump();
         }
+        self.reads_finished.send_modify(|n| *n = n.wrapping_add(1));
         (next, ok)
     }
 

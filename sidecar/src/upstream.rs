@@ -86,6 +86,16 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamE
             message: format!("upstream {host:?}: not a host name"),
         });
     }
+    // RFC 6761: `localhost` names are loopback, answered without asking a
+    // resolver (which, asked for the absolute `localhost.`, says nothing:
+    // /etc/hosts lists `localhost` without the dot).
+    let bare = host.trim_end_matches('.').to_ascii_lowercase();
+    if bare == "localhost" || bare.ends_with(".localhost") {
+        return Ok(vec![
+            SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port),
+        ]);
+    }
     let absolute = if host.ends_with('.') {
         host.to_owned()
     } else {
@@ -215,10 +225,7 @@ impl Connector {
         let addrs = resolve(&host, port).await?;
         let tcp = dial(&what, &addrs, self.connect_timeout).await?;
         if !https {
-            return Ok(TokioIo::new(UpstreamConn {
-                io: UpstreamIo::Plain(tcp),
-                _slot: slot,
-            }));
+            return Ok(TokioIo::new(UpstreamConn::plain(tcp, slot)));
         }
         let extra = self.trust.for_host(&host, port);
         let tls = tokio::time::timeout(
@@ -238,10 +245,7 @@ impl Connector {
             step: "tls",
             message: e.to_string(),
         })?;
-        Ok(TokioIo::new(UpstreamConn {
-            io: UpstreamIo::Tls(Box::new(tls)),
-            _slot: slot,
-        }))
+        Ok(TokioIo::new(UpstreamConn::tls(tls, slot)))
     }
 }
 
@@ -249,6 +253,24 @@ impl Connector {
 pub struct UpstreamConn {
     io: UpstreamIo,
     _slot: OwnedSemaphorePermit,
+}
+
+impl UpstreamConn {
+    /// A cleartext connection holding `slot`.
+    pub(crate) fn plain(tcp: TcpStream, slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            io: UpstreamIo::Plain(tcp),
+            _slot: slot,
+        }
+    }
+
+    /// A TLS connection holding `slot`.
+    pub(crate) fn tls(tls: TlsStream<TcpStream>, slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            io: UpstreamIo::Tls(Box::new(tls)),
+            _slot: slot,
+        }
+    }
 }
 
 enum UpstreamIo {
@@ -457,6 +479,21 @@ mod tests {
                 e.message.contains("not a host name"),
                 "{bad}: {}",
                 e.message
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn localhost_names_are_loopback_without_a_resolver() {
+        for name in ["localhost", "LOCALHOST.", "api.localhost"] {
+            let addrs = resolve(name, 8443).await.unwrap();
+            assert_eq!(
+                addrs,
+                vec![
+                    "127.0.0.1:8443".parse().unwrap(),
+                    "[::1]:8443".parse().unwrap()
+                ],
+                "{name}"
             );
         }
     }

@@ -54,6 +54,10 @@ pub async fn handle(
     let method = request.method().clone();
     let (mut parts, body) = request.into_parts();
     let body_empty = hyper::body::Body::is_end_stream(&body);
+    // What a retry after a rotation needs: the head as the agent sent it
+    // (placeholders, not values), for a request safe to send twice.
+    let mut retry_head = (body_empty && agent_upgrade.is_none() && idempotent(&method))
+        .then(|| RetryHead::of(&parts));
     let conn = ConnFacts {
         sni: info.sni.as_deref(),
         port: info.port,
@@ -62,7 +66,8 @@ pub async fn handle(
         proxy_form: info.proxy_form,
         egress: engine.settings.egress,
     };
-    let plan = match plan(&mut parts, body_empty, &conn, &snapshot) {
+    let mut snapshot = snapshot;
+    let mut plan = match plan(&mut parts, body_empty, &conn, &snapshot) {
         Ok(plan) => plan,
         Err(refusal) => {
             let refusal = if refusal.destination.is_empty() {
@@ -75,7 +80,7 @@ pub async fn handle(
     };
     txn.planned(&plan, &snapshot);
 
-    let outcome = Arc::new(RequestBodyOutcome::default());
+    let mut outcome = Arc::new(RequestBodyOutcome::default());
     txn.body = Some(outcome.clone());
     let out_body = match request_body(&engine, &snapshot, &plan, &mut parts, body, &outcome).await {
         Ok(body) => body,
@@ -119,19 +124,66 @@ pub async fn handle(
         }
     };
     txn.add_swapped(&outcome.swapped(), &snapshot);
+    if matches!(response.status().as_u16(), 401 | 403) && txn.injected() {
+        // The value may have been rotated: look now rather than at the next
+        // poll (rate-limited by the store), and if a new value turns up,
+        // send a request that is safe to repeat once more with it.
+        let used = used_secrets(&snapshot, &txn.injected);
+        let used: Vec<(&str, Arc<crate::store::Secret>)> = used
+            .iter()
+            .map(|(id, s)| (id.as_str(), s.clone()))
+            .collect();
+        let rotated = engine
+            .store()
+            .refresh_and_wait(&used, ROTATION_RETRY_WAIT)
+            .await;
+        if rotated
+            && let Some(head) = retry_head.take()
+            && let Some(fresh) = snapshot_with_new_values(&engine, &used).await
+        {
+            drop(response);
+            let mut parts = head.into_parts();
+            plan = match super::plan::plan(&mut parts, true, &conn, &fresh) {
+                Ok(plan) => plan,
+                Err(refusal) => return txn.refuse(&refusal.at(&info.describe())),
+            };
+            snapshot = fresh;
+            txn.planned(&plan, &snapshot);
+            txn.record.retried = true;
+            parts.uri = match upstream_uri(&plan.route, &parts.uri) {
+                Ok(uri) => uri,
+                Err(refusal) => return txn.refuse(&refusal.at(&plan.destination)),
+            };
+            if !matches!(plan.route, Route::Original(_)) {
+                parts.headers.remove(header::HOST);
+            }
+            parts.version = Version::HTTP_11;
+            outcome = Arc::new(RequestBodyOutcome::default());
+            txn.body = Some(outcome.clone());
+            let idle = engine.settings.idle_timeout;
+            let empty = ToUpstream::passing(
+                http_body_util::Empty::<bytes::Bytes>::new(),
+                outcome.clone(),
+                idle,
+            )
+            .boxed_unsync();
+            response = match send(&engine, &snapshot, &plan, parts, empty, &outcome).await {
+                Ok(response) => response,
+                Err(refusal) => {
+                    if let Some(step) = refusal.upstream_step {
+                        engine.metrics.upstream_error(step);
+                    }
+                    return txn.refuse(&refusal.refusal);
+                }
+            };
+        }
+    }
     let status = response.status();
     // hyper keeps an HTTP/1.1 reason phrase that is not the standard one and
     // writes it back out to the agent: a line the echo checks never see.
     response
         .extensions_mut()
         .remove::<hyper::ext::ReasonPhrase>();
-    if matches!(status.as_u16(), 401 | 403) {
-        // The value may have been rotated: look now rather than at the next
-        // poll (rate-limited by the store).
-        for id in &txn.record.bindings {
-            engine.store().refresh_now(id);
-        }
-    }
     if let Err(refusal) = inspect_response_head(&snapshot, &response, &plan) {
         return txn.refuse(&refusal);
     }
@@ -168,6 +220,88 @@ pub async fn handle(
         });
     }
     response.map(|body| ToAgent::new(body, detector, on_end, idle).boxed_unsync())
+}
+
+/// How long a request refused with 401/403 waits for a fresh read of its
+/// secrets before the refusal goes to the agent.
+const ROTATION_RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// Methods a retry may repeat (RFC 9110 9.2.2), given an empty body.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method as M;
+    [M::GET, M::HEAD, M::OPTIONS, M::PUT, M::DELETE].contains(method)
+}
+
+/// A request head as the agent sent it, kept for one retry.
+struct RetryHead {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+}
+
+impl RetryHead {
+    fn of(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn into_parts(self) -> http::request::Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method;
+        parts.uri = self.uri;
+        parts.version = self.version;
+        parts.headers = self.headers;
+        parts
+    }
+}
+
+/// The values a request carried: `(binding id, value)` of each swapped
+/// binding, as the snapshot held them.
+fn used_secrets(
+    snapshot: &Snapshot,
+    injected: &BindingSet,
+) -> Vec<(String, Arc<crate::store::Secret>)> {
+    injected
+        .iter()
+        .filter_map(|b| {
+            let id = snapshot.binding_id(b)?;
+            match snapshot.secrets.get(b)? {
+                crate::engine::Slot::State(crate::store::SecretState::Ready(s)) => {
+                    Some((id.to_owned(), s.clone()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Waits (briefly) for the engine's snapshot to hold a value other than
+/// the one sent for one of `used`: the store has it already, and the
+/// snapshot is rebuilt from the store right after.
+async fn snapshot_with_new_values(
+    engine: &Engine,
+    used: &[(&str, Arc<crate::store::Secret>)],
+) -> Option<Arc<Snapshot>> {
+    for _ in 0..100 {
+        let snapshot = engine.snapshot();
+        let fresh = used.iter().any(|(id, sent)| {
+            snapshot.bindings.iter().zip(&snapshot.secrets).any(|(b, slot)| {
+                b.id == *id
+                    && matches!(slot, crate::engine::Slot::State(crate::store::SecretState::Ready(s))
+                        if !Arc::ptr_eq(s, sent))
+            })
+        });
+        if fresh {
+            return Some(snapshot);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 /// Responses that carry no content (RFC 9110 6.4.1).

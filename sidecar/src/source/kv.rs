@@ -32,9 +32,21 @@ pub enum KeyError {
 
 /// Reads `key` of the JSON object `data`.
 pub fn extract_key(data: &[u8], key: &str) -> Result<SecretValue, KeyError> {
+    extract_key_at(data, &[], key)
+}
+
+/// Reads `key` of the object found by following `path` from the top of
+/// `data`: a Vault response holds a KV v1 secret's data at `["data"]` and a
+/// KV v2 one's at `["data", "data"]`. Everything off that path is skipped
+/// unread.
+pub fn extract_key_at(data: &[u8], path: &[&str], key: &str) -> Result<SecretValue, KeyError> {
     let mut de = serde_json::Deserializer::from_slice(data);
     let found = de
-        .deserialize_map(KeyVisitor { key })
+        .deserialize_map(PathVisitor {
+            field: "",
+            path,
+            key,
+        })
         .map_err(|e| KeyError::Malformed(describe(&e)))?;
     de.end().map_err(|e| KeyError::Malformed(describe(&e)))?;
     match found {
@@ -42,12 +54,15 @@ pub fn extract_key(data: &[u8], key: &str) -> Result<SecretValue, KeyError> {
         Found::Missing => Err(KeyError::Missing),
         Found::NotAString(kind) => Err(KeyError::NotAString(kind)),
         Found::Repeated => Err(KeyError::Repeated),
+        Found::NoData(field, kind) => Err(KeyError::Malformed(format!(
+            "the response's {field:?} is {kind}, not an object"
+        ))),
     }
 }
 
 /// serde_json's error, by category and position only: its message for a
 /// syntax error can quote input.
-fn describe(e: &serde_json::Error) -> String {
+pub(crate) fn describe(e: &serde_json::Error) -> String {
     let what = match e.classify() {
         serde_json::error::Category::Io => "unreadable",
         serde_json::error::Category::Syntax => "not valid JSON",
@@ -62,6 +77,90 @@ enum Found {
     Missing,
     NotAString(&'static str),
     Repeated,
+    /// A field on the path is absent or not an object (its name, its kind).
+    NoData(String, &'static str),
+}
+
+/// Walks `path` down nested objects, then reads `key` there.
+struct PathVisitor<'k> {
+    /// The field whose value this visitor reads (`""` for the top).
+    field: &'k str,
+    path: &'k [&'k str],
+    key: &'k str,
+}
+
+impl<'de> DeserializeSeed<'de> for PathVisitor<'_> {
+    type Value = Found;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Found, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PathVisitor<'_> {
+    type Value = Found;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Found, A::Error> {
+        let Some((field, rest)) = self.path.split_first() else {
+            return KeyVisitor { key: self.key }.visit_map(map);
+        };
+        let mut map = map;
+        let mut found = Found::NoData((*field).to_owned(), "absent");
+        let mut seen = false;
+        while let Some(name) = map.next_key::<KeyName<'_>>()? {
+            if name.0 == *field {
+                let inner = map.next_value_seed(PathVisitor {
+                    field,
+                    path: rest,
+                    key: self.key,
+                })?;
+                found = if seen { Found::Repeated } else { inner };
+                seen = true;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    // Anything but an object on the path: named by kind, never quoted.
+    fn visit_unit<E: de::Error>(self) -> Result<Found, E> {
+        Ok(self.not_an_object("null"))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Found, E> {
+        Ok(self.not_an_object("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Found, E> {
+        Ok(self.not_an_object("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Found, E> {
+        Ok(self.not_an_object("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Found, E> {
+        Ok(self.not_an_object("a number"))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Found, E> {
+        Ok(self.not_an_object("a string"))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Found, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(self.not_an_object("an array"))
+    }
+}
+
+impl PathVisitor<'_> {
+    fn not_an_object(&self, kind: &'static str) -> Found {
+        let field = if self.field.is_empty() {
+            "top level"
+        } else {
+            self.field
+        };
+        Found::NoData(field.to_owned(), kind)
+    }
 }
 
 struct KeyVisitor<'k> {
@@ -236,6 +335,44 @@ mod tests {
         );
         assert_eq!(
             value(r#"{"k":"a","k":"b"}"#, "k").unwrap_err(),
+            KeyError::Repeated
+        );
+    }
+
+    #[test]
+    fn reads_a_key_down_a_path_as_vault_responses_nest_it() {
+        let v2 = r#"{"request_id":"x","lease_id":"","data":{"data":{"api_key":"s3cr3t-v2"},
+            "metadata":{"version":3}},"warnings":null}"#;
+        let read = |d: &str, p: &[&str]| {
+            extract_key_at(d.as_bytes(), p, "api_key").map(|v| v.expose_secret().to_vec())
+        };
+        assert_eq!(read(v2, &["data", "data"]).unwrap(), b"s3cr3t-v2");
+        let v1 = r#"{"data":{"api_key":"s3cr3t-v1"},"lease_duration":2764800}"#;
+        assert_eq!(read(v1, &["data"]).unwrap(), b"s3cr3t-v1");
+        // A deleted KV v2 version answers data: null.
+        let deleted = r#"{"data":{"data":null,"metadata":{"deletion_time":"2026"}}}"#;
+        let KeyError::Malformed(why) = read(deleted, &["data", "data"]).unwrap_err() else {
+            panic!("not malformed")
+        };
+        assert!(why.contains("null"), "{why}");
+        assert!(matches!(
+            read(r#"{"errors":[]}"#, &["data"]).unwrap_err(),
+            KeyError::Malformed(_)
+        ));
+        assert_eq!(
+            read(r#"{"data":{"data":{"n":1}}}"#, &["data", "data"]).unwrap_err(),
+            KeyError::Missing
+        );
+        assert_eq!(
+            read(
+                r#"{"data":{"data":{"api_key":12345678}}}"#,
+                &["data", "data"]
+            )
+            .unwrap_err(),
+            KeyError::NotAString("a number")
+        );
+        assert_eq!(
+            read(r#"{"data":{"a":"x"},"data":{"a":"y"}}"#, &["data"]).unwrap_err(),
             KeyError::Repeated
         );
     }

@@ -3,7 +3,7 @@
 //!
 //! - [`file::FileSource`]: a directory laid out like a KV mount, for tests
 //!   and local use (this module);
-//! - the Vault/OpenBao source (issue 4) plugs into the same trait.
+//! - [`vault::VaultSource`]: HashiCorp Vault or OpenBao.
 //!
 //! A source only reads. Deciding when to read (refresh intervals, jitter,
 //! staleness, failing closed) is [`crate::store`]'s job, so every source gets
@@ -12,6 +12,7 @@
 
 pub mod file;
 pub mod kv;
+pub mod vault;
 
 use std::fmt;
 use std::future::Future;
@@ -133,6 +134,13 @@ pub trait SecretSource: Send + Sync + 'static {
         secret: &'a VaultSecretRef,
         known: Option<Revision>,
     ) -> BoxFuture<'a, Result<Fetched, SourceError>>;
+
+    /// Lets go of what the source holds at the source's side (Vault: our
+    /// token is revoked, so restarts leave no leases behind). Called once,
+    /// on graceful shutdown.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// `mount/path`, how errors and logs name a secret.

@@ -1,0 +1,601 @@
+//! The Vault token's life: log in with the configured method (never
+//! guessed), renew the token before it expires, log in again when it is
+//! gone or nearly at its maximum TTL, and revoke it on shutdown, so
+//! restarts leave no leases behind.
+//!
+//! One [`Auth`] holds at most one token at a time. Logins are serialized:
+//! many bindings needing a token at once cause one login, not a herd.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use http::Method;
+use serde::Serialize;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::client::VaultHttp;
+use super::response::{self, Granted};
+use crate::secret::SecretValue;
+
+/// How the sidecar proves who it is to Vault (chosen in config).
+pub enum Credentials {
+    /// Kubernetes auth: the projected service-account token, re-read at
+    /// every login (the kubelet rotates it).
+    Kubernetes {
+        mount: String,
+        role: String,
+        jwt_file: PathBuf,
+    },
+    /// JWT auth with the same projected token.
+    Jwt {
+        mount: String,
+        role: String,
+        jwt_file: PathBuf,
+    },
+    /// AppRole: a role_id, and the secret_id read from a file at every login.
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id_file: PathBuf,
+    },
+    /// A token handed to us (renewed if it can be, never revoked: it is
+    /// not ours). From a file (re-read when the token stops working) or
+    /// the environment.
+    Token(TokenFrom),
+}
+
+pub enum TokenFrom {
+    File(PathBuf),
+    Env(SecretValue),
+}
+
+impl Credentials {
+    /// `kubernetes`, `jwt`, `approle`, `token`.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Kubernetes { .. } => "kubernetes",
+            Self::Jwt { .. } => "jwt",
+            Self::AppRole { .. } => "approle",
+            Self::Token(_) => "token",
+        }
+    }
+
+    /// Where a login goes, for messages (`auth/kubernetes/login`).
+    fn login_path(&self) -> Option<String> {
+        match self {
+            Self::Kubernetes { mount, .. }
+            | Self::Jwt { mount, .. }
+            | Self::AppRole { mount, .. } => Some(format!("auth/{mount}/login")),
+            Self::Token(_) => None,
+        }
+    }
+}
+
+/// Why no token could be had.
+#[derive(Debug, Clone)]
+pub struct AuthError {
+    /// Vault did not answer (keep the last good values a while), rather
+    /// than refusing (fail closed).
+    pub unreachable: bool,
+    pub reason: String,
+}
+
+/// A token and what is known of its life.
+pub struct Session {
+    pub token: SecretValue,
+    /// 0: the token does not expire.
+    ttl: Duration,
+    renewable: bool,
+    obtained: Instant,
+    /// The TTL the login granted, to notice renewals nearing the max TTL.
+    granted_ttl: Duration,
+    /// Created by our login (so ours to revoke), not handed to us.
+    ours: bool,
+}
+
+impl Session {
+    fn expires(&self) -> Option<Instant> {
+        (!self.ttl.is_zero()).then(|| self.obtained + self.ttl)
+    }
+
+    /// Whether the token still has a useful part of its life left.
+    fn usable_at(&self, now: Instant) -> bool {
+        self.expires().is_none_or(|end| {
+            let margin = (self.ttl / 10).min(Duration::from_secs(5));
+            now + margin < end
+        })
+    }
+}
+
+/// The least time between two logins caused by a refusal (a 403 may mean
+/// the token is gone, or that a policy was revoked: in the second case,
+/// logging in again at every poll would only pile up tokens).
+const RELOGIN_AFTER_DENIAL_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Holds the token, logs in, renews and revokes.
+pub struct Auth {
+    http: Arc<VaultHttp>,
+    credentials: Credentials,
+    /// The token; the async lock serializes logins.
+    current: tokio::sync::Mutex<Option<Arc<Session>>>,
+    renewer: Mutex<Option<AbortHandle>>,
+    last_denial_login: Mutex<Option<Instant>>,
+}
+
+impl Drop for Auth {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .renewer
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Auth {
+    pub fn new(http: Arc<VaultHttp>, credentials: Credentials) -> Arc<Self> {
+        Arc::new(Self {
+            http,
+            credentials,
+            current: tokio::sync::Mutex::new(None),
+            renewer: Mutex::new(None),
+            last_denial_login: Mutex::new(None),
+        })
+    }
+
+    pub fn method(&self) -> &'static str {
+        self.credentials.method()
+    }
+
+    /// A usable token: the current one, or a new login.
+    pub async fn session(self: &Arc<Self>) -> Result<Arc<Session>, AuthError> {
+        let mut current = self.current.lock().await;
+        if let Some(session) = current.as_ref()
+            && session.usable_at(Instant::now())
+        {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(self.login().await?);
+        *current = Some(session.clone());
+        drop(current);
+        self.schedule_renewal(&session);
+        Ok(session)
+    }
+
+    /// After Vault refused `used` (403): whether the token itself is gone.
+    /// If it is, log in again (at most once per 30 s) and return the new
+    /// token to retry with; if the token is fine, the refusal stands.
+    pub async fn after_denial(
+        self: &Arc<Self>,
+        used: &Arc<Session>,
+    ) -> Result<Option<Arc<Session>>, AuthError> {
+        let alive = self
+            .http
+            .call(
+                "lookup_self",
+                Method::GET,
+                "auth/token/lookup-self",
+                Some(&used.token),
+                None,
+            )
+            .await
+            .map(|a| a.status == 200)
+            .unwrap_or(false);
+        if alive {
+            return Ok(None);
+        }
+        {
+            let now = Instant::now();
+            let mut last = self
+                .last_denial_login
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last
+                .is_some_and(|t| now.saturating_duration_since(t) < RELOGIN_AFTER_DENIAL_INTERVAL)
+            {
+                return Ok(None);
+            }
+            *last = Some(now);
+        }
+        let mut current = self.current.lock().await;
+        if let Some(session) = current.as_ref()
+            && !Arc::ptr_eq(session, used)
+        {
+            // Someone logged in meanwhile.
+            return Ok(Some(session.clone()));
+        }
+        let session = Arc::new(self.login().await?);
+        *current = Some(session.clone());
+        drop(current);
+        self.schedule_renewal(&session);
+        tracing::info!(
+            method = self.method(),
+            "logged in to Vault again: the previous token was refused"
+        );
+        Ok(Some(session))
+    }
+
+    /// Revokes our token (not one handed to us), on shutdown.
+    pub async fn revoke(&self) {
+        if let Some(task) = self
+            .renewer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+        let Some(session) = self.current.lock().await.take() else {
+            return;
+        };
+        if !session.ours {
+            return;
+        }
+        self.revoke_token(&session).await;
+    }
+
+    async fn revoke_token(&self, session: &Session) {
+        match self
+            .http
+            .call(
+                "revoke_self",
+                Method::POST,
+                "auth/token/revoke-self",
+                Some(&session.token),
+                None,
+            )
+            .await
+        {
+            Ok(a) if a.status == 204 || a.status == 200 => {
+                tracing::info!("Vault token revoked");
+            }
+            Ok(a) => tracing::warn!(
+                status = a.status,
+                "Vault refused to revoke our token; it expires at its TTL"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not revoke the Vault token; it expires at its TTL")
+            }
+        }
+    }
+
+    /// One login with the configured method.
+    async fn login(&self) -> Result<Session, AuthError> {
+        let started = Instant::now();
+        let result = match &self.credentials {
+            Credentials::Token(from) => self.adopt_token(from).await,
+            other => self.login_with(other).await,
+        };
+        let took = started.elapsed();
+        self.http
+            .metrics()
+            .vault_login(self.method(), result.is_ok(), took);
+        if let Ok(session) = &result {
+            self.http
+                .metrics()
+                .vault_token_ttl(session.ttl.as_secs_f64());
+        }
+        match &result {
+            Ok(session) => tracing::info!(
+                method = self.method(),
+                ttl_s = session.ttl.as_secs(),
+                renewable = session.renewable,
+                took_ms = took.as_millis() as u64,
+                "logged in to Vault"
+            ),
+            Err(e) => {
+                tracing::warn!(method = self.method(), error = %e.reason, "Vault login failed")
+            }
+        }
+        result
+    }
+
+    async fn login_with(&self, credentials: &Credentials) -> Result<Session, AuthError> {
+        #[derive(Serialize)]
+        struct RoleJwt<'a> {
+            role: &'a str,
+            jwt: &'a str,
+        }
+        #[derive(Serialize)]
+        struct RoleIdSecretId<'a> {
+            role_id: &'a str,
+            secret_id: &'a str,
+        }
+        let path = credentials.login_path().unwrap_or_default();
+        let (sent, body) = match credentials {
+            Credentials::Kubernetes { role, jwt_file, .. }
+            | Credentials::Jwt { role, jwt_file, .. } => {
+                let jwt = read_credential(jwt_file, "--vault-jwt-file")?;
+                let body = to_json(&RoleJwt { role, jwt: &jwt }, jwt.len())?;
+                (jwt, body)
+            }
+            Credentials::AppRole {
+                role_id,
+                secret_id_file,
+                ..
+            } => {
+                let secret_id = read_credential(secret_id_file, "--vault-secret-id-file")?;
+                let body = to_json(
+                    &RoleIdSecretId {
+                        role_id,
+                        secret_id: &secret_id,
+                    },
+                    secret_id.len(),
+                )?;
+                (secret_id, body)
+            }
+            Credentials::Token(_) => {
+                return Err(AuthError {
+                    unreachable: false,
+                    reason: "the token method has no login".into(),
+                });
+            }
+        };
+        let answer = self
+            .http
+            .call("login", Method::POST, &path, None, Some(body))
+            .await
+            .map_err(|reason| AuthError {
+                unreachable: true,
+                reason: format!("logging in at {path}: {reason}"),
+            })?;
+        match answer.status {
+            200 => {
+                let g = response::granted(&answer.body).map_err(|why| AuthError {
+                    unreachable: false,
+                    reason: format!("logging in at {path}: {why}"),
+                })?;
+                Ok(session_of(g, true))
+            }
+            s if s == 429 || s >= 500 => Err(AuthError {
+                unreachable: true,
+                reason: format!(
+                    "logging in at {path}: Vault answered HTTP {s}{}",
+                    vault_says(&answer.body, sent.as_bytes())
+                ),
+            }),
+            s => Err(AuthError {
+                unreachable: false,
+                reason: format!(
+                    "logging in at {path}: refused (HTTP {s}){}",
+                    vault_says(&answer.body, sent.as_bytes())
+                ),
+            }),
+        }
+    }
+
+    /// The token method: read the token and ask Vault what it is.
+    async fn adopt_token(&self, from: &TokenFrom) -> Result<Session, AuthError> {
+        let token = match from {
+            TokenFrom::File(path) => {
+                let text = read_credential(path, "--vault-token-file")?;
+                SecretValue::copy_from(text.as_bytes())
+            }
+            TokenFrom::Env(value) => SecretValue::copy_from(value.expose_secret()),
+        };
+        let answer = self
+            .http
+            .call(
+                "lookup_self",
+                Method::GET,
+                "auth/token/lookup-self",
+                Some(&token),
+                None,
+            )
+            .await
+            .map_err(|reason| AuthError {
+                unreachable: true,
+                reason: format!("looking up the token: {reason}"),
+            })?;
+        match answer.status {
+            200 => {
+                let looked = response::looked_up(&answer.body).map_err(|why| AuthError {
+                    unreachable: false,
+                    reason: format!("looking up the token: {why}"),
+                })?;
+                Ok(Session {
+                    token,
+                    ttl: looked.ttl,
+                    renewable: looked.renewable,
+                    obtained: Instant::now(),
+                    granted_ttl: looked.ttl,
+                    ours: false,
+                })
+            }
+            s if s == 429 || s >= 500 => Err(AuthError {
+                unreachable: true,
+                reason: format!("looking up the token: Vault answered HTTP {s}"),
+            }),
+            s => Err(AuthError {
+                unreachable: false,
+                reason: format!(
+                    "the token was refused (HTTP {s} on auth/token/lookup-self); it is invalid or \
+                     expired"
+                ),
+            }),
+        }
+    }
+
+    /// Starts (or restarts) the renewal of `session`.
+    fn schedule_renewal(self: &Arc<Self>, session: &Arc<Session>) {
+        let mut renewer = self.renewer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = renewer.take() {
+            task.abort();
+        }
+        // A token that does not expire needs nothing; one handed to us that
+        // cannot be renewed is read again once it expires.
+        if session.expires().is_none() || (!session.ours && !session.renewable) {
+            return;
+        }
+        let task = tokio::spawn(renew_loop(Arc::downgrade(self), session.clone()));
+        *renewer = Some(task.abort_handle());
+    }
+
+    /// Renews `session` once: the renewed session, or `None` when a new
+    /// login is due (not renewable, refused, or near its max TTL).
+    async fn renew(&self, session: &Session) -> Result<Option<Session>, String> {
+        if !session.renewable {
+            return Ok(None);
+        }
+        let answer = self
+            .http
+            .call(
+                "renew_self",
+                Method::POST,
+                "auth/token/renew-self",
+                Some(&session.token),
+                None,
+            )
+            .await?;
+        if answer.status != 200 {
+            if answer.status == 429 || answer.status >= 500 {
+                return Err(format!("Vault answered HTTP {}", answer.status));
+            }
+            return Ok(None);
+        }
+        let g = response::granted(&answer.body)?;
+        // A renewal capped well below what the login granted: the max TTL
+        // is near, and a new login beats a token about to die.
+        if g.ttl < session.granted_ttl / 2 {
+            return Ok(None);
+        }
+        let mut renewed = session_of(g, session.ours);
+        renewed.granted_ttl = session.granted_ttl;
+        Ok(Some(renewed))
+    }
+}
+
+/// Renews at two thirds of the token's life; logs in again when renewal is
+/// not possible. Holds only a weak reference: dropping [`Auth`] ends it.
+async fn renew_loop(auth: Weak<Auth>, mut session: Arc<Session>) {
+    loop {
+        let Some(expires) = session.expires() else {
+            return;
+        };
+        let at = session.obtained + session.ttl * 2 / 3;
+        tokio::time::sleep_until(at).await;
+        let Some(strong) = auth.upgrade() else {
+            return;
+        };
+        match strong.renew(&session).await {
+            Ok(Some(renewed)) => {
+                let renewed = Arc::new(renewed);
+                let mut current = strong.current.lock().await;
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &session)) {
+                    *current = Some(renewed.clone());
+                    tracing::debug!(ttl_s = renewed.ttl.as_secs(), "Vault token renewed");
+                    strong
+                        .http
+                        .metrics()
+                        .vault_token_ttl(renewed.ttl.as_secs_f64());
+                    session = renewed;
+                } else {
+                    // Replaced meanwhile; that login scheduled its own renewal.
+                    return;
+                }
+            }
+            Ok(None) => {
+                // A new login now; the old token is revoked once replaced.
+                let old = session.clone();
+                let fresh = {
+                    let mut current = strong.current.lock().await;
+                    if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &old)) {
+                        return;
+                    }
+                    match strong.login().await {
+                        Ok(fresh) => {
+                            let fresh = Arc::new(fresh);
+                            *current = Some(fresh.clone());
+                            Some(fresh)
+                        }
+                        Err(_) => None,
+                    }
+                };
+                match fresh {
+                    Some(fresh) => {
+                        if old.ours {
+                            strong.revoke_token(&old).await;
+                        }
+                        session = fresh;
+                    }
+                    None => {
+                        // Reads log in on demand once this one expires; try
+                        // again shortly meanwhile.
+                        drop(strong);
+                        retry_pause(expires).await;
+                    }
+                }
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "renewing the Vault token failed; retrying");
+                drop(strong);
+                if Instant::now() >= expires {
+                    return;
+                }
+                retry_pause(expires).await;
+            }
+        }
+    }
+}
+
+/// A short wait before trying again, never past the token's end.
+async fn retry_pause(expires: Instant) {
+    let left = expires.saturating_duration_since(Instant::now());
+    tokio::time::sleep((left / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))).await;
+}
+
+fn session_of(g: Granted, ours: bool) -> Session {
+    Session {
+        token: g.token.0,
+        ttl: g.ttl,
+        renewable: g.renewable,
+        obtained: Instant::now(),
+        granted_ttl: g.ttl,
+        ours,
+    }
+}
+
+/// What Vault said of a refusal, as `: <text>` (or nothing).
+fn vault_says(body: &[u8], sent: &[u8]) -> String {
+    let text = response::refusal_text(body, sent);
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// Reads a credential file (trimmed), naming the flag on failure.
+fn read_credential(path: &PathBuf, flag: &str) -> Result<Zeroizing<String>, AuthError> {
+    let text = std::fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| AuthError {
+            unreachable: false,
+            reason: format!("{flag} {}: {e}", path.display()),
+        })?;
+    let trimmed = Zeroizing::new(text.trim().to_owned());
+    if trimmed.is_empty() {
+        return Err(AuthError {
+            unreachable: false,
+            reason: format!("{flag} {}: the file is empty", path.display()),
+        });
+    }
+    Ok(trimmed)
+}
+
+/// Serializes a login body into a buffer sized up front (so no grown copy
+/// of the credential is left behind unwiped).
+fn to_json(value: &impl Serialize, credential_len: usize) -> Result<Zeroizing<Vec<u8>>, AuthError> {
+    let mut out = Zeroizing::new(Vec::with_capacity(credential_len * 2 + 512));
+    serde_json::to_writer(&mut *out, value).map_err(|_| AuthError {
+        unreachable: false,
+        reason: "the login request could not be written".into(),
+    })?;
+    Ok(out)
+}
