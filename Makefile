@@ -52,6 +52,8 @@ fuzz: setup
 crds:
 	$(CARGO) run -q -p credbroker-crds --bin crdgen
 
-## demo: the five-step journey through Vault and the broker (issue 4).
-demo:
-	@echo "make demo: the demo arrives with the Vault secret source (issue 4); it is not built yet. The sidecar runs today: see docs/sidecar.md." >&2; exit 1
+## demo: the five-step journey through Vault (OpenBao) and the broker,
+## without Kubernetes (demo/run.sh, on loopback; it cleans up after itself).
+demo: setup
+	$(CARGO) build --locked -p credbroker-sidecar -p credbroker-demo
+	@set -a; source $(TEST_ENV); set +a; demo/run.sh
