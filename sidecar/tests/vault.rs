@@ -916,6 +916,8 @@ async fn rotation_reaches_the_next_request_within_the_refresh_interval() -> Test
     for round in 1..=20 {
         let value = secret_value(&format!("rot{round}"));
         broker.secrets.push(value.clone());
+        // At a random point of the poll cycle, as a real rotation is.
+        tokio::time::sleep(Duration::from_millis(u64::from(rand() % 1000))).await;
         vault.put("secret", "rot/key", "api_key", &value)?;
         let written = Instant::now();
         loop {
@@ -1257,6 +1259,26 @@ async fn a_hundred_restarts_leave_the_lease_count_where_it_started() -> TestResu
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let mut logins: Vec<u64> = broker
+        .output()
+        .lines()
+        .filter(|l| l.contains("logged in to Vault"))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(r#""took_ms":"#)?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    logins.sort_unstable();
+    if let (Some(first), Some(last)) = (logins.first(), logins.last()) {
+        eprintln!(
+            "AppRole login time over {} logins: min {first} ms, p50 {} ms, max {last} ms",
+            logins.len(),
+            logins[logins.len() / 2]
+        );
+    }
     let revoked = broker.output().matches("Vault token revoked").count();
     assert_eq!(revoked, 100, "not every sidecar revoked its token");
     broker.assert_no_secret_leaked()
