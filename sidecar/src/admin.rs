@@ -36,11 +36,18 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener) {
     };
     accept_loop(l, move |stream, guard| {
         let engine = engine.clone();
+        // /status is for whoever is inside the pod (or `kubectl
+        // port-forward`, which arrives on loopback), not the cluster.
+        let from_loopback = stream
+            .peer_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
         async move {
             let _guard = guard;
             let service = service_fn(move |request| {
                 let engine = engine.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&engine, &request)) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(answer(&engine, &request, from_loopback))
+                }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -54,7 +61,11 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener) {
     .await;
 }
 
-fn answer(engine: &Engine, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(
+    engine: &Engine,
+    request: &Request<Incoming>,
+    from_loopback: bool,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
@@ -67,6 +78,11 @@ fn answer(engine: &Engine, request: &Request<Incoming>) -> Response<Full<Bytes>>
                 format!("not ready: {why}\n"),
             ),
         },
+        "/status" if !from_loopback => text(
+            StatusCode::FORBIDDEN,
+            "/status answers only on loopback (inside the pod, or through kubectl port-forward)\n"
+                .into(),
+        ),
         "/status" => {
             let mut response = text(StatusCode::OK, status_json(engine));
             response.headers_mut().insert(

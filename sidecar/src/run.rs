@@ -226,11 +226,18 @@ async fn start(
         args.pod_namespace.clone(),
         metrics.clone(),
     )?;
+    // One read may take several calls (metadata, data, a token check, a
+    // login): its deadline follows the per-call one.
+    let read_timeout = match &source {
+        SourceChoice::Vault(s) => s.timeout.saturating_mul(3),
+        SourceChoice::File(_) => StoreSettings::default().read_timeout,
+    };
     let store = SecretStore::new(
         source.build(metrics.clone())?,
         StoreSettings {
             max_staleness: args.max_staleness,
             echo_grace: args.echo_grace,
+            read_timeout,
             ..StoreSettings::default()
         },
         metrics.clone(),
@@ -324,18 +331,20 @@ async fn drain(engine: &Engine) {
     tracing::info!(drain = ?engine.settings.drain_timeout, "shutting down: draining open connections");
     engine.shutdown.cancel();
     engine.tasks.close();
-    if tokio::time::timeout(engine.settings.drain_timeout, engine.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout; closing them");
-    }
-    // Our Vault token is revoked, so restarts leave no leases behind.
+    // The Vault token is revoked first: in a pod the sidecar gets SIGTERM
+    // late in the grace period, and a drain could use it all. Requests
+    // still open use the values already read.
     if tokio::time::timeout(SOURCE_SHUTDOWN_TIMEOUT, engine.store().shutdown_source())
         .await
         .is_err()
     {
         tracing::warn!("the secret source did not let go within {SOURCE_SHUTDOWN_TIMEOUT:?}");
+    }
+    if tokio::time::timeout(engine.settings.drain_timeout, engine.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain timeout; closing them");
     }
     let audit = engine.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;

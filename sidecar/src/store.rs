@@ -70,9 +70,9 @@ impl Default for StoreSettings {
 pub struct Secret {
     forms: SecretForms,
     revision: Revision,
-    /// A keyed hash of the value (the key is random per process): shows a
-    /// change of value, and nothing about it.
-    fingerprint: u64,
+    /// HMAC-SHA256 of the value, cut to 8 bytes, under a key random per
+    /// process: shows a change of value, and nothing about it.
+    fingerprint: [u8; 8],
     /// When the source last gave or confirmed the value (Unix ms).
     confirmed_unix_ms: AtomicU64,
     /// Until when the value may be used (ms since the store's epoch): the
@@ -90,7 +90,7 @@ impl Secret {
         let secret = Self {
             forms: SecretForms::new(crate::secret::SecretValue::copy_from(value)),
             revision: Revision::new(version, 0),
-            fingerprint: 0,
+            fingerprint: [0; 8],
             confirmed_unix_ms: AtomicU64::new(0),
             usable_until_ms: AtomicU64::new(0),
             epoch,
@@ -112,7 +112,10 @@ impl Secret {
     /// within one process, and revealing nothing of the value (a keyed
     /// hash whose key is random per process and never leaves it).
     pub fn fingerprint(&self) -> String {
-        format!("{:016x}", self.fingerprint)
+        self.fingerprint
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// When the source last gave or confirmed the value, as Unix seconds.
@@ -203,7 +206,7 @@ struct Entry {
 pub struct SecretStore {
     source: Arc<dyn SecretSource>,
     /// Keys the values' fingerprints; random per process, never printed.
-    fingerprints: std::collections::hash_map::RandomState,
+    fingerprints: ring::hmac::Key,
     settings: StoreSettings,
     metrics: Arc<Metrics>,
     epoch: Instant,
@@ -223,7 +226,7 @@ impl SecretStore {
     ) -> Arc<Self> {
         Arc::new(Self {
             source,
-            fingerprints: Default::default(),
+            fingerprints: fingerprint_key(),
             settings,
             metrics,
             epoch: Instant::now(),
@@ -497,10 +500,10 @@ impl SecretStore {
                     (None, false, changed)
                 }
                 Ok(()) => {
-                    let fingerprint = {
-                        use std::hash::BuildHasher;
-                        self.fingerprints.hash_one(value.expose_secret())
-                    };
+                    let mut fingerprint = [0u8; 8];
+                    fingerprint.copy_from_slice(
+                        &ring::hmac::sign(&self.fingerprints, value.expose_secret()).as_ref()[..8],
+                    );
                     let secret = Arc::new(Secret {
                         forms: SecretForms::new(value),
                         revision,
@@ -601,6 +604,24 @@ fn check_value(value: &crate::secret::SecretValue) -> Result<(), String> {
         return Err(format!("the value is longer than {MAX_SECRET_LEN} bytes"));
     }
     Ok(())
+}
+
+/// A random HMAC key for fingerprints (ring's own system RNG).
+fn fingerprint_key() -> ring::hmac::Key {
+    let rng = ring::rand::SystemRandom::new();
+    match ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng) {
+        Ok(key) => key,
+        // The system RNG failing is not survivable for a TLS server anyway;
+        // a fixed key would still reveal nothing of a random secret, but
+        // would make fingerprints comparable across processes: mix in the
+        // time at least.
+        Err(_) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &now.to_le_bytes())
+        }
+    }
 }
 
 /// One binding's refresh loop. Holds only a weak reference, so dropping the

@@ -123,6 +123,7 @@ pub struct Auth {
     current: tokio::sync::Mutex<Option<Arc<Session>>>,
     renewer: Mutex<Option<AbortHandle>>,
     last_denial_login: Mutex<Option<Instant>>,
+    backoff: Mutex<LoginBackoff>,
 }
 
 impl Drop for Auth {
@@ -146,6 +147,7 @@ impl Auth {
             current: tokio::sync::Mutex::new(None),
             renewer: Mutex::new(None),
             last_denial_login: Mutex::new(None),
+            backoff: Mutex::new(LoginBackoff::default()),
         })
     }
 
@@ -161,11 +163,67 @@ impl Auth {
         {
             return Ok(session.clone());
         }
-        let session = Arc::new(self.login().await?);
+        let session = Arc::new(self.login_guarded().await?);
         *current = Some(session.clone());
         drop(current);
         self.schedule_renewal(&session);
         Ok(session)
+    }
+
+    /// Replaces `old` with `new` if `old` is still the current token.
+    async fn replace(&self, old: &Arc<Session>, new: Arc<Session>) -> bool {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, old)) {
+            *current = Some(new);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Logs in again in place of `old` (which can no longer be renewed) and
+    /// revokes `old`; `Ok(None)` if another login replaced it meanwhile.
+    async fn relogin_replacing(
+        &self,
+        old: &Arc<Session>,
+    ) -> Result<Option<Arc<Session>>, AuthError> {
+        let fresh = {
+            let mut current = self.current.lock().await;
+            if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, old)) {
+                return Ok(None);
+            }
+            let fresh = Arc::new(self.login_guarded().await?);
+            *current = Some(fresh.clone());
+            fresh
+        };
+        if old.ours {
+            self.revoke_token(old).await;
+        }
+        Ok(Some(fresh))
+    }
+
+    /// A login, unless logins are backing off after failures (then the
+    /// last failure, at once).
+    async fn login_guarded(&self) -> Result<Session, AuthError> {
+        if let Some(e) = self
+            .backoff
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocked(Instant::now())
+        {
+            return Err(e);
+        }
+        let result = self.login().await;
+        let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+        match &result {
+            Ok(_) => backoff.succeeded(),
+            Err(e) => {
+                let mut byte = [0u8; 1];
+                let r = getrandom::fill(&mut byte).map_or(128, |()| byte[0]);
+                backoff.failed(Instant::now(), e.clone(), 0.8 + f64::from(r) / 255.0 * 0.4);
+            }
+        }
+        result
     }
 
     /// After Vault refused `used` (403): whether the token itself is gone.
@@ -175,7 +233,7 @@ impl Auth {
         self: &Arc<Self>,
         used: &Arc<Session>,
     ) -> Result<Option<Arc<Session>>, AuthError> {
-        let alive = self
+        let lookup = self
             .http
             .call(
                 "lookup_self",
@@ -185,10 +243,21 @@ impl Auth {
                 None,
             )
             .await
-            .map(|a| a.status == 200)
-            .unwrap_or(false);
-        if alive {
-            return Ok(None);
+            .map_err(|reason| AuthError {
+                unreachable: true,
+                reason: format!("checking the token after a refusal: {reason}"),
+            })?;
+        match lookup.status {
+            // The token is fine: the refusal is the policy's.
+            200 => return Ok(None),
+            // The token is gone (Vault answers 403 for an unknown token).
+            403 => {}
+            s => {
+                return Err(AuthError {
+                    unreachable: true,
+                    reason: format!("checking the token after a refusal: Vault answered HTTP {s}"),
+                });
+            }
         }
         {
             let now = Instant::now();
@@ -210,7 +279,7 @@ impl Auth {
             // Someone logged in meanwhile.
             return Ok(Some(session.clone()));
         }
-        let session = Arc::new(self.login().await?);
+        let session = Arc::new(self.login_guarded().await?);
         *current = Some(session.clone());
         drop(current);
         self.schedule_renewal(&session);
@@ -471,83 +540,122 @@ impl Auth {
     }
 }
 
-/// Renews at two thirds of the token's life; logs in again when renewal is
-/// not possible. Holds only a weak reference: dropping [`Auth`] ends it.
+/// Renews at two thirds of the token's life (with jitter, so pods started
+/// together do not renew together); logs in again when renewal is no
+/// longer possible. Stops once the token has expired: reads then log in on
+/// demand, under the shared backoff. Holds only a weak reference: dropping
+/// [`Auth`] ends it.
 async fn renew_loop(auth: Weak<Auth>, mut session: Arc<Session>) {
+    let mut must_login = false;
+    let mut wake = renewal_time(&session);
     loop {
         let Some(expires) = session.expires() else {
             return;
         };
-        let at = session.obtained + session.ttl * 2 / 3;
-        tokio::time::sleep_until(at).await;
+        tokio::time::sleep_until(wake).await;
+        if Instant::now() >= expires {
+            return;
+        }
         let Some(strong) = auth.upgrade() else {
             return;
         };
-        match strong.renew(&session).await {
-            Ok(Some(renewed)) => {
-                let renewed = Arc::new(renewed);
-                let mut current = strong.current.lock().await;
-                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &session)) {
-                    *current = Some(renewed.clone());
+        if !must_login {
+            match strong.renew(&session).await {
+                Ok(Some(renewed)) => {
+                    let renewed = Arc::new(renewed);
+                    if !strong.replace(&session, renewed.clone()).await {
+                        // Replaced meanwhile; that login renews its own.
+                        return;
+                    }
                     tracing::debug!(ttl_s = renewed.ttl.as_secs(), "Vault token renewed");
                     strong
                         .http
                         .metrics()
                         .vault_token_ttl(renewed.ttl.as_secs_f64());
                     session = renewed;
-                } else {
-                    // Replaced meanwhile; that login scheduled its own renewal.
-                    return;
+                    wake = renewal_time(&session);
+                    continue;
+                }
+                Ok(None) => must_login = true,
+                Err(why) => {
+                    tracing::warn!(error = %why, "renewing the Vault token failed; retrying");
+                    wake = Instant::now() + retry_delay(expires);
+                    continue;
                 }
             }
-            Ok(None) => {
-                // A new login now; the old token is revoked once replaced.
-                let old = session.clone();
-                let fresh = {
-                    let mut current = strong.current.lock().await;
-                    if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &old)) {
-                        return;
-                    }
-                    match strong.login().await {
-                        Ok(fresh) => {
-                            let fresh = Arc::new(fresh);
-                            *current = Some(fresh.clone());
-                            Some(fresh)
-                        }
-                        Err(_) => None,
-                    }
-                };
-                match fresh {
-                    Some(fresh) => {
-                        if old.ours {
-                            strong.revoke_token(&old).await;
-                        }
-                        session = fresh;
-                    }
-                    None => {
-                        // Reads log in on demand once this one expires; try
-                        // again shortly meanwhile.
-                        drop(strong);
-                        retry_pause(expires).await;
-                    }
-                }
+        }
+        match strong.relogin_replacing(&session).await {
+            Ok(Some(fresh)) => {
+                session = fresh;
+                must_login = false;
+                wake = renewal_time(&session);
             }
-            Err(why) => {
-                tracing::warn!(error = %why, "renewing the Vault token failed; retrying");
-                drop(strong);
-                if Instant::now() >= expires {
-                    return;
-                }
-                retry_pause(expires).await;
-            }
+            Ok(None) => return,
+            Err(_) => wake = Instant::now() + retry_delay(expires),
         }
     }
 }
 
+/// When to renew: two thirds of the TTL, give or take 5%.
+fn renewal_time(session: &Session) -> Instant {
+    let mut byte = [0u8; 1];
+    let r = getrandom::fill(&mut byte).map_or(128, |()| byte[0]);
+    // 0.6167 .. 0.7167 of the TTL.
+    let fraction = 0.6167 + f64::from(r) / 255.0 * 0.1;
+    session.obtained + session.ttl.mul_f64(fraction)
+}
+
 /// A short wait before trying again, never past the token's end.
-async fn retry_pause(expires: Instant) {
+fn retry_delay(expires: Instant) -> Duration {
     let left = expires.saturating_duration_since(Instant::now());
-    tokio::time::sleep((left / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))).await;
+    (left / 4).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
+/// Failed logins back off, shared by every binding and the renewer, so a
+/// refused or unreachable login costs one attempt per backoff step, not
+/// one per binding per retry (pure: tested with plain instants).
+#[derive(Default)]
+struct LoginBackoff {
+    failures: u32,
+    until: Option<Instant>,
+    last: Option<AuthError>,
+}
+
+const LOGIN_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const LOGIN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl LoginBackoff {
+    /// The last failure, while logins are held back.
+    fn blocked(&self, now: Instant) -> Option<AuthError> {
+        match (&self.until, &self.last) {
+            (Some(until), Some(last)) if now < *until => {
+                let mut e = last.clone();
+                let wait = until.saturating_duration_since(now);
+                e.reason = format!(
+                    "{} (next login attempt in {:.1}s)",
+                    e.reason,
+                    wait.as_secs_f64()
+                );
+                Some(e)
+            }
+            _ => None,
+        }
+    }
+
+    /// Records a failure: the next attempt waits 1 s, doubling up to 30 s,
+    /// scaled by `jitter` (0.8 to 1.2).
+    fn failed(&mut self, now: Instant, error: AuthError, jitter: f64) {
+        self.failures = self.failures.saturating_add(1);
+        let step = LOGIN_BACKOFF_MIN
+            .saturating_mul(1u32 << self.failures.min(16).saturating_sub(1))
+            .min(LOGIN_BACKOFF_MAX);
+        self.until = Some(now + step.mul_f64(jitter.clamp(0.8, 1.2)));
+        self.last = Some(error);
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
 }
 
 fn session_of(g: Granted, ours: bool) -> Session {
@@ -598,4 +706,59 @@ fn to_json(value: &impl Serialize, credential_len: usize) -> Result<Zeroizing<Ve
         reason: "the login request could not be written".into(),
     })?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> AuthError {
+        AuthError {
+            unreachable: false,
+            reason: "logging in at auth/approle/login: refused (HTTP 400)".into(),
+        }
+    }
+
+    #[test]
+    fn failed_logins_back_off_doubling_to_a_cap_and_reset_on_success() {
+        let t0 = Instant::now();
+        let mut b = LoginBackoff::default();
+        assert!(b.blocked(t0).is_none());
+        b.failed(t0, refused(), 1.0);
+        let e = b.blocked(t0 + Duration::from_millis(500)).unwrap();
+        assert!(
+            e.reason.contains("refused (HTTP 400)") && e.reason.contains("next login attempt in")
+        );
+        assert!(b.blocked(t0 + Duration::from_secs(1)).is_none());
+        for _ in 0..10 {
+            b.failed(t0, refused(), 1.0);
+        }
+        assert!(b.blocked(t0 + Duration::from_secs(29)).is_some());
+        assert!(
+            b.blocked(t0 + Duration::from_secs(30)).is_none(),
+            "not capped at 30 s"
+        );
+        b.succeeded();
+        assert!(b.blocked(t0).is_none());
+    }
+
+    #[test]
+    fn renewal_falls_around_two_thirds_of_the_ttl() {
+        let s = Session {
+            token: SecretValue::copy_from(b"t"),
+            ttl: Duration::from_secs(600),
+            renewable: true,
+            obtained: Instant::now(),
+            granted_ttl: Duration::from_secs(600),
+            ours: true,
+        };
+        for _ in 0..100 {
+            let after = renewal_time(&s) - s.obtained;
+            assert!(
+                after >= Duration::from_secs(370) && after <= Duration::from_secs(431),
+                "{after:?}"
+            );
+        }
+        assert!(retry_delay(Instant::now()) >= Duration::from_millis(500));
+    }
 }

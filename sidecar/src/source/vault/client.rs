@@ -30,8 +30,10 @@ use crate::upstream::{BoxError, UpstreamConn, UpstreamError, dial};
 
 /// The largest answer read from Vault (a KV secret is far smaller).
 pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
-/// Connections to Vault open at once.
-const MAX_CONNECTIONS: usize = 8;
+/// Connections to Vault open at once: as many as the store reads at once
+/// (16), plus room for the token's own calls. A call beyond them waits for
+/// one to close, within its deadline.
+const MAX_CONNECTIONS: usize = 20;
 
 /// Where Vault is, as `--vault-addr` gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,13 +314,17 @@ impl VaultConnector {
     async fn connect(&self) -> Result<TokioIo<UpstreamConn>, UpstreamError> {
         let VaultAddr { host, port, .. } = &*self.addr;
         let what = format!("{host}:{port}");
+        // Waits (the caller's deadline bounds it): hyper-util's pool would
+        // otherwise fail a request at once rather than wait for a
+        // connection.
         let slot = self
             .slots
             .clone()
-            .try_acquire_owned()
+            .acquire_owned()
+            .await
             .map_err(|_| UpstreamError {
                 step: "busy",
-                message: format!("{what}: too many connections to Vault are open"),
+                message: format!("{what}: the connection limit is closed"),
             })?;
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, *port)],

@@ -98,7 +98,7 @@ pub struct VaultArgs {
 
     /// PEM CA certificates to verify Vault with (instead of the system
     /// roots).
-    #[arg(long, env = "CREDBROKER_VAULT_CACERT")]
+    #[arg(long, env = "CREDBROKER_VAULT_CA_FILE")]
     pub vault_ca_file: Option<PathBuf>,
 
     /// Local mode only: allow an http:// Vault address (the token and the
@@ -449,11 +449,10 @@ impl VaultSource {
             })?;
         match answer.status {
             200 | 403 | 404 => Ok(answer),
-            s if s == 429 || s >= 500 => Err(SourceError::Unreachable {
-                path: path.to_owned(),
-                reason: format!("Vault answered HTTP {s} to GET {api_path}"),
-            }),
-            s => Err(SourceError::Malformed {
+            // Anything else (429, 5xx, a standby's redirect, KV v2's 400
+            // while a mount upgrades) says nothing about the secret: keep
+            // the last good value until it is too stale.
+            s => Err(SourceError::Unreachable {
                 path: path.to_owned(),
                 reason: format!("Vault answered HTTP {s} to GET {api_path}"),
             }),
