@@ -50,6 +50,11 @@ const STATE_TICK: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub egress: EgressMode,
+    /// Local mode only: `localhost` names dial loopback (RFC 6761). In a
+    /// pod the agent shares the sidecar's loopback, so a secret must never
+    /// be sent there: `localhost` is then looked up like any name, and the
+    /// absolute `localhost.` finds nothing.
+    pub localhost_is_loopback: bool,
     pub strict_destination: bool,
     pub max_header_bytes: u32,
     pub max_buffered_body: usize,
@@ -297,6 +302,7 @@ impl Engine {
             // Those in flight (at most one per upstream request permit) and
             // as many idle in the pools.
             connection_slots: Arc::new(Semaphore::new(max_connections.saturating_mul(2))),
+            localhost_is_loopback: settings.localhost_is_loopback,
         };
         let empty = Snapshot {
             bindings: Vec::new(),

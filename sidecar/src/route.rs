@@ -219,7 +219,13 @@ async fn terminate<S>(
 {
     if engine.settings.strict_destination
         && let Some(original) = destination.original
-        && !resolves_to(&sni, destination.port, original).await
+        && !resolves_to(
+            &sni,
+            destination.port,
+            original,
+            engine.settings.localhost_is_loopback,
+        )
+        .await
     {
         tracing::warn!(sni = %sni, original = %original,
             "strict destination: the connection's destination is not an address of its name");
@@ -296,12 +302,19 @@ async fn terminate<S>(
 }
 
 /// Whether `name` resolves to `original`'s address.
-pub async fn resolves_to(name: &str, port: u16, original: SocketAddr) -> bool {
-    resolve(name, port).await.is_ok_and(|addrs| {
-        addrs
-            .iter()
-            .any(|a| a.ip().to_canonical() == original.ip().to_canonical())
-    })
+pub async fn resolves_to(
+    name: &str,
+    port: u16,
+    original: SocketAddr,
+    localhost_is_loopback: bool,
+) -> bool {
+    resolve(name, port, localhost_is_loopback)
+        .await
+        .is_ok_and(|addrs| {
+            addrs
+                .iter()
+                .any(|a| a.ip().to_canonical() == original.ip().to_canonical())
+        })
 }
 
 /// Splices a connection no binding covers to where it was going.
@@ -319,10 +332,12 @@ async fn passthrough<S>(
     let timeout = engine.settings.connect_timeout;
     let upstream = match &destination.dial {
         Dial::Addr(addr) => dial(&addr.to_string(), &[*addr], timeout).await,
-        Dial::Name(host, port) => match resolve(host, *port).await {
-            Ok(addrs) => dial(&format!("{host}:{port}"), &addrs, timeout).await,
-            Err(e) => Err(e),
-        },
+        Dial::Name(host, port) => {
+            match resolve(host, *port, engine.settings.localhost_is_loopback).await {
+                Ok(addrs) => dial(&format!("{host}:{port}"), &addrs, timeout).await,
+                Err(e) => Err(e),
+            }
+        }
     };
     let upstream = match upstream {
         Ok(upstream) => upstream,

@@ -117,9 +117,10 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-fn settings(args: &EngineArgs) -> EngineSettings {
+fn settings(args: &EngineArgs, local: bool) -> EngineSettings {
     EngineSettings {
         egress: args.egress,
+        localhost_is_loopback: local,
         strict_destination: args.strict_destination,
         max_header_bytes: args.max_header_bytes,
         max_buffered_body: args.max_buffered_body,
@@ -243,7 +244,7 @@ async fn start(
         metrics.clone(),
     );
     let engine = Engine::new(
-        settings(args),
+        settings(args, local),
         args.max_connections,
         metrics.clone(),
         audit,

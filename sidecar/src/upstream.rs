@@ -64,7 +64,11 @@ impl std::error::Error for UpstreamError {}
 /// create a Service there could answer. Anything that is neither a DNS name
 /// nor an IP literal is refused rather than handed to getaddrinfo (which
 /// reads `16909060` as 1.2.3.4).
-pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
+pub async fn resolve(
+    host: &str,
+    port: u16,
+    localhost_is_loopback: bool,
+) -> Result<Vec<SocketAddr>, UpstreamError> {
     let literal = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -86,11 +90,12 @@ pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamE
             message: format!("upstream {host:?}: not a host name"),
         });
     }
-    // RFC 6761: `localhost` names are loopback, answered without asking a
-    // resolver (which, asked for the absolute `localhost.`, says nothing:
-    // /etc/hosts lists `localhost` without the dot).
+    // Local mode: RFC 6761 `localhost` names are loopback, answered without
+    // a resolver (which, asked for the absolute `localhost.`, says nothing:
+    // /etc/hosts lists `localhost` without the dot). Never in a pod, whose
+    // loopback the agent shares (see EngineSettings).
     let bare = host.trim_end_matches('.').to_ascii_lowercase();
-    if bare == "localhost" || bare.ends_with(".localhost") {
+    if localhost_is_loopback && (bare == "localhost" || bare.ends_with(".localhost")) {
         return Ok(vec![
             SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), port),
             SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port),
@@ -186,6 +191,7 @@ pub struct Connector {
     handshake_timeout: Duration,
     h1_only: bool,
     slots: Arc<Semaphore>,
+    localhost_is_loopback: bool,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -222,7 +228,7 @@ impl Connector {
                     "upstream {what}: too many upstream connections are open (--max-connections)"
                 ),
             })?;
-        let addrs = resolve(&host, port).await?;
+        let addrs = resolve(&host, port, self.localhost_is_loopback).await?;
         let tcp = dial(&what, &addrs, self.connect_timeout).await?;
         if !https {
             return Ok(TokioIo::new(UpstreamConn::plain(tcp, slot)));
@@ -361,6 +367,8 @@ pub struct UpstreamSettings {
     /// One permit per open upstream connection, shared by every client
     /// built with these settings (across config reloads).
     pub connection_slots: Arc<Semaphore>,
+    /// See [`crate::engine::EngineSettings::localhost_is_loopback`].
+    pub localhost_is_loopback: bool,
 }
 
 impl UpstreamSettings {
@@ -372,6 +380,7 @@ impl UpstreamSettings {
             handshake_timeout: Duration::from_secs(1),
             max_header_bytes: 65536,
             connection_slots: Arc::new(Semaphore::new(64)),
+            localhost_is_loopback: false,
         }
     }
 }
@@ -396,6 +405,7 @@ impl Upstreams {
                 handshake_timeout: settings.handshake_timeout,
                 h1_only,
                 slots: settings.connection_slots.clone(),
+                localhost_is_loopback: settings.localhost_is_loopback,
             };
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -473,7 +483,7 @@ mod tests {
     #[tokio::test]
     async fn what_is_not_a_host_name_is_never_resolved() {
         for bad in ["16909060", "0x01020304", "a/b", "evil:x", "1.2.3"] {
-            let e = resolve(bad, 80).await.unwrap_err();
+            let e = resolve(bad, 80, true).await.unwrap_err();
             assert_eq!(e.step, "dns", "{bad}");
             assert!(
                 e.message.contains("not a host name"),
@@ -484,9 +494,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn localhost_names_are_loopback_without_a_resolver() {
+    async fn localhost_names_are_loopback_in_local_mode_only() {
+        // In a pod, `localhost.` goes to the resolver like any name.
+        assert!(resolve("localhost", 443, false).await.is_err());
         for name in ["localhost", "LOCALHOST.", "api.localhost"] {
-            let addrs = resolve(name, 8443).await.unwrap();
+            let addrs = resolve(name, 8443, true).await.unwrap();
             assert_eq!(
                 addrs,
                 vec![
@@ -501,11 +513,11 @@ mod tests {
     #[tokio::test]
     async fn ip_literals_resolve_to_themselves() {
         assert_eq!(
-            resolve("[::1]", 443).await.unwrap(),
+            resolve("[::1]", 443, false).await.unwrap(),
             vec!["[::1]:443".parse().unwrap()]
         );
         assert_eq!(
-            resolve("127.0.0.1", 80).await.unwrap(),
+            resolve("127.0.0.1", 80, false).await.unwrap(),
             vec!["127.0.0.1:80".parse().unwrap()]
         );
     }
@@ -523,6 +535,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             h1_only: false,
             slots: Arc::new(Semaphore::new(1)),
+            localhost_is_loopback: false,
         };
         let first = connector.connect(uri.clone()).await.unwrap();
         let e = connector.connect(uri.clone()).await.err().unwrap();

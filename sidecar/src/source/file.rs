@@ -69,8 +69,14 @@ impl FileSource {
         });
         if let Err(e) = opened {
             return Err(match e.kind() {
-                std::io::ErrorKind::NotFound => SourceError::NotFound { path },
-                std::io::ErrorKind::PermissionDenied => SourceError::PermissionDenied { path },
+                std::io::ErrorKind::NotFound => SourceError::NotFound {
+                    path,
+                    detail: String::new(),
+                },
+                std::io::ErrorKind::PermissionDenied => SourceError::PermissionDenied {
+                    path,
+                    detail: format!(" (reading {})", file.display()),
+                },
                 _ => SourceError::Unreachable {
                     path,
                     reason: format!("reading {}: {e}", file.display()),

@@ -77,10 +77,11 @@ pub enum SourceError {
     /// The source refused our credentials.
     #[error("{path}: authentication refused: {reason}")]
     AuthRefused { path: String, reason: String },
-    #[error("{path}: permission denied")]
-    PermissionDenied { path: String },
-    #[error("{path}: not found")]
-    NotFound { path: String },
+    /// `detail`: what was refused and what may be missing (or empty).
+    #[error("{path}: permission denied{detail}")]
+    PermissionDenied { path: String, detail: String },
+    #[error("{path}: not found{detail}")]
+    NotFound { path: String, detail: String },
     /// The secret exists but its current version was deleted or destroyed.
     #[error("{path}: the current version was {state}")]
     Deleted { path: String, state: &'static str },

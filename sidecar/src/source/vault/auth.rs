@@ -268,7 +268,13 @@ impl Auth {
             if last
                 .is_some_and(|t| now.saturating_duration_since(t) < RELOGIN_AFTER_DENIAL_INTERVAL)
             {
-                return Ok(None);
+                return Err(AuthError {
+                    unreachable: false,
+                    reason: format!(
+                        "Vault refused the token (403 on auth/token/lookup-self), and a new \
+                         login was made less than {RELOGIN_AFTER_DENIAL_INTERVAL:?} ago"
+                    ),
+                });
             }
             *last = Some(now);
         }

@@ -348,9 +348,21 @@ impl VaultConnector {
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .map_err(|e| UpstreamError {
-                step: "tls",
-                message: format!("TLS to {what} failed: {e}"),
+            .map_err(|e| {
+                let certificate = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|t| matches!(t, rustls::Error::InvalidCertificate(_)));
+                let hint = if certificate {
+                    " (Vault's certificate is not trusted for this name: give its CA with \
+                     --vault-ca-file)"
+                } else {
+                    ""
+                };
+                UpstreamError {
+                    step: "tls",
+                    message: format!("TLS to {what} failed: {e}{hint}"),
+                }
             })?;
         Ok(TokioIo::new(UpstreamConn::tls(tls, slot)))
     }

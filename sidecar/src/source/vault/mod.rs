@@ -302,9 +302,15 @@ impl VaultSettings {
             )));
         }
         let readable = |flag: &str, path: &PathBuf| -> Result<()> {
-            std::fs::File::open(path)
-                .map(drop)
-                .map_err(|e| config_error(format!("{flag} {}: {e}", path.display())))
+            let file = std::fs::File::open(path)
+                .map_err(|e| config_error(format!("{flag} {}: {e}", path.display())))?;
+            if file.metadata().is_ok_and(|m| m.len() == 0) {
+                return Err(config_error(format!(
+                    "{flag} {}: the file is empty",
+                    path.display()
+                )));
+            }
+            Ok(())
         };
         Ok(match method {
             AuthMethod::Kubernetes | AuthMethod::Jwt => {
@@ -468,8 +474,26 @@ impl VaultSource {
         let meta_path = format!("{}/metadata/{}", secret.mount, secret.path);
         let answer = self.get("kv_metadata", &meta_path, &path).await?;
         match answer.status {
-            403 => return Err(SourceError::PermissionDenied { path }),
-            404 => return Err(SourceError::NotFound { path }),
+            403 => {
+                return Err(SourceError::PermissionDenied {
+                    detail: format!(
+                        " (GET {meta_path}, with a valid token: a KV v2 binding needs read on \
+                         {m}/data/{p} and {m}/metadata/{p}; is {m} a KV v2 mount?)",
+                        m = secret.mount,
+                        p = secret.path
+                    ),
+                    path,
+                });
+            }
+            404 => {
+                return Err(SourceError::NotFound {
+                    detail: format!(
+                        " (GET {meta_path}: no such secret, or {} is not a KV v2 mount)",
+                        secret.mount
+                    ),
+                    path,
+                });
+            }
             _ => {}
         }
         let current =
@@ -478,7 +502,10 @@ impl VaultSource {
                 reason,
             })?;
         if current.version == 0 {
-            return Err(SourceError::NotFound { path });
+            return Err(SourceError::NotFound {
+                path,
+                detail: " (the secret has no version)".into(),
+            });
         }
         if current.destroyed {
             return Err(SourceError::Deleted {
@@ -506,7 +533,17 @@ impl VaultSource {
         );
         let answer = self.get("kv_data", &data_path, &path).await?;
         match answer.status {
-            403 => return Err(SourceError::PermissionDenied { path }),
+            403 => {
+                return Err(SourceError::PermissionDenied {
+                    detail: format!(
+                        " (GET {m}/data/{p}, with a valid token: the policy grants the metadata \
+                         but not read on {m}/data/{p})",
+                        m = secret.mount,
+                        p = secret.path
+                    ),
+                    path,
+                });
+            }
             // Deleted between the two reads.
             404 => {
                 return Err(SourceError::Deleted {
@@ -529,8 +566,22 @@ impl VaultSource {
         let api_path = format!("{}/{}", secret.mount, secret.path);
         let answer = self.get("kv_read", &api_path, &path).await?;
         match answer.status {
-            403 => return Err(SourceError::PermissionDenied { path }),
-            404 => return Err(SourceError::NotFound { path }),
+            403 => {
+                return Err(SourceError::PermissionDenied {
+                    detail: format!(
+                        " (GET {api_path}, with a valid token: a KV v1 binding needs read on \
+                         {api_path}; is {} a KV v1 mount?)",
+                        secret.mount
+                    ),
+                    path,
+                });
+            }
+            404 => {
+                return Err(SourceError::NotFound {
+                    detail: format!(" (GET {api_path})"),
+                    path,
+                });
+            }
             _ => {}
         }
         let value = key_of(&answer.body, &["data"], secret, &path)?;
