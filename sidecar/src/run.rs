@@ -158,8 +158,12 @@ fn secret_source(args: &EngineArgs, local: bool) -> Result<SourceChoice> {
             Ok(SourceChoice::File(dir))
         }
         SecretSourceKind::Vault => {
-            let token_env = std::env::var_os(crate::source::vault::TOKEN_ENV)
-                .map(|v| crate::secret::SecretValue::new(v.into_encoded_bytes()));
+            let token_env = std::env::var_os(crate::source::vault::TOKEN_ENV).map(|v| {
+                // A Secret's value often ends in a newline.
+                let bytes = zeroize::Zeroizing::new(v.into_encoded_bytes());
+                let trimmed = bytes.trim_ascii();
+                crate::secret::SecretValue::copy_from(trimmed)
+            });
             VaultSettings::from_args(&args.vault, local, token_env)
                 .map(|s| SourceChoice::Vault(Box::new(s)))
         }

@@ -118,6 +118,12 @@ impl Secret {
             .collect()
     }
 
+    /// Whether `other` holds the same value (by fingerprint: a new
+    /// version of the same value is not a new value).
+    pub fn same_value(&self, other: &Secret) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+
     /// When the source last gave or confirmed the value, as Unix seconds.
     pub fn confirmed_unix(&self) -> f64 {
         self.confirmed_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0
@@ -195,10 +201,14 @@ struct Entry {
     refresh_now: Arc<Notify>,
     /// When an immediate read was last asked for (they are rate-limited).
     last_forced: Option<Instant>,
-    /// Reads of this binding finished so far, and the count when the last
-    /// immediate read was asked for: while they are equal, it is pending.
-    reads_done: u64,
-    forced_at_read: Option<u64>,
+    /// Reads of this binding started so far (each read's number), the
+    /// number of the latest read that finished, and the count of reads
+    /// started when the last immediate read was asked for: that read is
+    /// pending until a read started after the ask has finished (one already
+    /// in flight may have looked at the source before the change).
+    reads_started: u64,
+    latest_finished: u64,
+    forced_after: Option<u64>,
     task: Option<AbortHandle>,
 }
 
@@ -325,8 +335,9 @@ impl SecretStore {
                     loaded_once: false,
                     refresh_now,
                     last_forced: None,
-                    reads_done: 0,
-                    forced_at_read: None,
+                    reads_started: 0,
+                    latest_finished: 0,
+                    forced_after: None,
                     task: Some(task),
                 },
             );
@@ -353,16 +364,32 @@ impl SecretStore {
     /// asked for now (or still pending from before) has finished; `None`
     /// when no read is pending.
     fn force(entry: &mut Entry, now: Instant) -> Option<u64> {
+        // No refresher (shutting down): nothing will read.
+        entry.task.as_ref()?;
         let allowed = entry
             .last_forced
             .is_none_or(|t| now.saturating_duration_since(t) >= FORCED_REFRESH_INTERVAL);
         if allowed {
             entry.last_forced = Some(now);
-            entry.forced_at_read = Some(entry.reads_done);
+            entry.forced_after = Some(entry.reads_started);
             entry.refresh_now.notify_one();
-            return Some(entry.reads_done);
+            return Some(entry.reads_started);
         }
-        entry.forced_at_read.filter(|at| *at == entry.reads_done)
+        entry
+            .forced_after
+            .filter(|after| entry.latest_finished <= *after)
+    }
+
+    /// Numbers a read of `wanted` about to start.
+    fn read_starting(&self, wanted: &Wanted) -> u64 {
+        let mut inner = self.lock();
+        match inner.entries.get_mut(&wanted.id) {
+            Some(entry) if entry.wanted == *wanted => {
+                entry.reads_started = entry.reads_started.wrapping_add(1);
+                entry.reads_started
+            }
+            _ => 0,
+        }
     }
 
     /// After an upstream refused a request (401/403) that carried the
@@ -390,7 +417,7 @@ impl SecretStore {
                 let inner = self.lock();
                 let replaced = used.iter().any(|(id, sent)| {
                     inner.entries.get(*id).is_some_and(
-                        |e| matches!(&e.state, SecretState::Ready(now) if !Arc::ptr_eq(now, sent)),
+                        |e| matches!(&e.state, SecretState::Ready(now) if !now.same_value(sent)),
                     )
                 });
                 if replaced {
@@ -400,7 +427,7 @@ impl SecretStore {
                     inner
                         .entries
                         .get(id.as_str())
-                        .is_some_and(|e| e.reads_done <= *at)
+                        .is_some_and(|e| e.task.is_some() && e.latest_finished <= *at)
                 });
                 if pending.is_empty() {
                     return false;
@@ -457,6 +484,7 @@ impl SecretStore {
     fn apply(
         &self,
         wanted: &Wanted,
+        read: u64,
         known: Option<Revision>,
         outcome: Result<Fetched, SourceError>,
     ) -> (Option<Revision>, bool) {
@@ -469,7 +497,7 @@ impl SecretStore {
             // Replaced by a sync while this read was in flight.
             return (known, false);
         }
-        entry.reads_done = entry.reads_done.wrapping_add(1);
+        entry.latest_finished = entry.latest_finished.max(read);
         let id = wanted.id.as_str();
         let (next, ok, changed) = match outcome {
             Ok(Fetched::Unchanged) => {
@@ -636,6 +664,7 @@ async fn refresher(store: std::sync::Weak<SecretStore>, wanted: Wanted, refresh_
         let timeout = strong.settings.read_timeout;
         let path = display_path(&wanted.secret);
         let permit = strong.reads.acquire().await;
+        let number = strong.read_starting(&wanted);
         let read = strong.source.read(&wanted.secret, known);
         let outcome = match tokio::time::timeout(timeout, read).await {
             Ok(outcome) => outcome,
@@ -645,7 +674,7 @@ async fn refresher(store: std::sync::Weak<SecretStore>, wanted: Wanted, refresh_
             }),
         };
         drop(permit);
-        let (next, ok) = strong.apply(&wanted, known, outcome);
+        let (next, ok) = strong.apply(&wanted, number, known, outcome);
         known = next;
         let delay = if ok {
             failures = 0;

@@ -949,7 +949,10 @@ async fn rotation_reaches_the_next_request_within_the_refresh_interval() -> Test
         tokio::time::sleep(Duration::from_millis(u64::from(rand() % 1000))).await;
         vault.put("secret", "rot/key", "api_key", &value)?;
         let written = Instant::now();
-        loop {
+        // Measured to the moment the request that carried the new value was
+        // sent: curl's own start-up is not the broker's latency.
+        let carried_at = loop {
+            let sent = written.elapsed();
             let (status, body) = broker.get("rot", &up, "/v1/loop").await?;
             requests += 1;
             assert_eq!(
@@ -957,14 +960,14 @@ async fn rotation_reaches_the_next_request_within_the_refresh_interval() -> Test
                 "round {round}: a request failed during the switch: {body}"
             );
             if bearers(&up).last() == Some(&value) {
-                break;
+                break sent;
             }
             assert!(
-                written.elapsed() < Duration::from_secs(2) + Duration::from_millis(500),
+                sent < Duration::from_secs(2),
                 "round {round}: the new value was not used within refreshInterval + 1 s"
             );
-        }
-        latencies.push(written.elapsed());
+        };
+        latencies.push(carried_at);
         let status = broker.status_of("rot")?;
         assert_eq!(status["version"], round + 1, "{status}");
     }
@@ -1024,11 +1027,19 @@ async fn an_upstream_401_refreshes_at_once_and_the_get_is_retried() -> TestResul
     eprintln!("401, refresh and retry took {:?}", started.elapsed());
     assert_eq!(status, 200, "{body}\n{}", broker.output());
     assert_eq!(&bearers(&up)[1..], [old.clone(), new.clone()]);
-    let retried = broker
-        .output()
-        .lines()
-        .filter(|l| l.starts_with(r#"{"kind":"audit""#))
-        .any(|l| l.contains(r#""retried":true"#) && l.contains(r#""status":200"#));
+    // The record is written once the response ended, by the audit thread.
+    let mut retried = false;
+    for _ in 0..100 {
+        retried = broker
+            .output()
+            .lines()
+            .filter(|l| l.starts_with(r#"{"kind":"audit""#))
+            .any(|l| l.contains(r#""retried":true"#) && l.contains(r#""status":200"#));
+        if retried {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         retried,
         "no audit record of the retry:\n{}",
@@ -1148,8 +1159,11 @@ async fn an_outage_keeps_the_value_until_max_staleness_then_fails_closed_and_rec
             }
             503 => {
                 assert!(body.contains("secret"), "{body}");
-                refused_at.get_or_insert(paused.elapsed());
-                break;
+                let first = *refused_at.get_or_insert(paused.elapsed());
+                // Keep asking a while: it must stay refused.
+                if paused.elapsed() > first + Duration::from_secs(2) {
+                    break;
+                }
             }
             other => return fail(format!("status {other}: {body}")),
         }

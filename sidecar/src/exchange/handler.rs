@@ -133,10 +133,21 @@ pub async fn handle(
             .iter()
             .map(|(id, s)| (id.as_str(), s.clone()))
             .collect();
-        let rotated = engine
-            .store()
-            .refresh_and_wait(&used, ROTATION_RETRY_WAIT)
-            .await;
+        // Only a request that could be sent again waits for the read.
+        let rotated = match retry_head {
+            Some(_) => {
+                engine
+                    .store()
+                    .refresh_and_wait(&used, ROTATION_RETRY_WAIT)
+                    .await
+            }
+            None => {
+                for (id, _) in &used {
+                    engine.store().refresh_now(id);
+                }
+                false
+            }
+        };
         if rotated
             && let Some(head) = retry_head.take()
             && let Some(fresh) = snapshot_with_new_values(&engine, &used).await
@@ -145,7 +156,14 @@ pub async fn handle(
             let mut parts = head.into_parts();
             plan = match super::plan::plan(&mut parts, true, &conn, &fresh) {
                 Ok(plan) => plan,
-                Err(refusal) => return txn.refuse(&refusal.at(&info.describe())),
+                Err(refusal) => {
+                    let refusal = if refusal.destination.is_empty() {
+                        refusal.at(&info.describe())
+                    } else {
+                        refusal
+                    };
+                    return txn.refuse(&refusal);
+                }
             };
             snapshot = fresh;
             txn.planned(&plan, &snapshot);
@@ -293,7 +311,7 @@ async fn snapshot_with_new_values(
             snapshot.bindings.iter().zip(&snapshot.secrets).any(|(b, slot)| {
                 b.id == *id
                     && matches!(slot, crate::engine::Slot::State(crate::store::SecretState::Ready(s))
-                        if !Arc::ptr_eq(s, sent))
+                        if !s.same_value(sent))
             })
         });
         if fresh {

@@ -94,6 +94,9 @@ pub struct Session {
     granted_ttl: Duration,
     /// Created by our login (so ours to revoke), not handed to us.
     ours: bool,
+    /// Logged in because Vault refused the previous token: if this one is
+    /// refused the same way, the policy is gone, not the token.
+    after_denial: bool,
 }
 
 impl Session {
@@ -165,9 +168,18 @@ impl Auth {
         }
         let session = Arc::new(self.login_guarded().await?);
         *current = Some(session.clone());
-        drop(current);
         self.schedule_renewal(&session);
+        drop(current);
         Ok(session)
+    }
+
+    /// The current token, if it is not `used` and still usable.
+    async fn newer_than(&self, used: &Arc<Session>) -> Option<Arc<Session>> {
+        let current = self.current.lock().await;
+        current
+            .as_ref()
+            .filter(|s| !Arc::ptr_eq(s, used) && s.usable_at(Instant::now()))
+            .cloned()
     }
 
     /// Replaces `old` with `new` if `old` is still the current token.
@@ -233,6 +245,12 @@ impl Auth {
         self: &Arc<Self>,
         used: &Arc<Session>,
     ) -> Result<Option<Arc<Session>>, AuthError> {
+        // Another read may have logged in since `used` was handed out (or
+        // the renewer replaced it): retry with that token, whatever the
+        // rate limit says.
+        if let Some(newer) = self.newer_than(used).await {
+            return Ok(Some(newer));
+        }
         let lookup = self
             .http
             .call(
@@ -250,6 +268,10 @@ impl Auth {
         match lookup.status {
             // The token is fine: the refusal is the policy's.
             200 => return Ok(None),
+            // A token logged in for a refusal is refused too: the policy
+            // that granted lookup-self is gone, not the token. Logging in
+            // again would only pile up live tokens nobody can revoke.
+            403 if used.after_denial => return Ok(None),
             // The token is gone (Vault answers 403 for an unknown token).
             403 => {}
             s => {
@@ -285,10 +307,14 @@ impl Auth {
             // Someone logged in meanwhile.
             return Ok(Some(session.clone()));
         }
-        let session = Arc::new(self.login_guarded().await?);
+        let mut fresh = self.login_guarded().await?;
+        fresh.after_denial = true;
+        let session = Arc::new(fresh);
         *current = Some(session.clone());
-        drop(current);
+        // While the lock is held: a renewer scheduled after it could be
+        // another login's, and aborting it would leave that token unrenewed.
         self.schedule_renewal(&session);
+        drop(current);
         tracing::info!(
             method = self.method(),
             "logged in to Vault again: the previous token was refused"
@@ -481,6 +507,7 @@ impl Auth {
                     obtained: Instant::now(),
                     granted_ttl: looked.ttl,
                     ours: false,
+                    after_denial: false,
                 })
             }
             s if s == 429 || s >= 500 => Err(AuthError {
@@ -672,6 +699,7 @@ fn session_of(g: Granted, ours: bool) -> Session {
         obtained: Instant::now(),
         granted_ttl: g.ttl,
         ours,
+        after_denial: false,
     }
 }
 
@@ -757,6 +785,7 @@ mod tests {
             obtained: Instant::now(),
             granted_ttl: Duration::from_secs(600),
             ours: true,
+            after_denial: false,
         };
         for _ in 0..100 {
             let after = renewal_time(&s) - s.obtained;
