@@ -69,14 +69,7 @@ pub async fn handle(
     let mut snapshot = snapshot;
     let mut plan = match plan(&mut parts, body_empty, &conn, &snapshot) {
         Ok(plan) => plan,
-        Err(refusal) => {
-            let refusal = if refusal.destination.is_empty() {
-                refusal.at(&info.describe())
-            } else {
-                refusal
-            };
-            return txn.refuse(&refusal);
-        }
+        Err(refusal) => return txn.refuse(&at_connection(refusal, &info)),
     };
     txn.planned(&plan, &snapshot);
 
@@ -156,14 +149,7 @@ pub async fn handle(
             let mut parts = head.into_parts();
             plan = match super::plan::plan(&mut parts, true, &conn, &fresh) {
                 Ok(plan) => plan,
-                Err(refusal) => {
-                    let refusal = if refusal.destination.is_empty() {
-                        refusal.at(&info.describe())
-                    } else {
-                        refusal
-                    };
-                    return txn.refuse(&refusal);
-                }
+                Err(refusal) => return txn.refuse(&at_connection(refusal, &info)),
             };
             snapshot = fresh;
             txn.planned(&plan, &snapshot);
@@ -238,6 +224,16 @@ pub async fn handle(
         });
     }
     response.map(|body| ToAgent::new(body, detector, on_end, idle).boxed_unsync())
+}
+
+/// A plan's refusal, naming the connection's destination when the plan
+/// named none.
+fn at_connection(refusal: Refusal, info: &ConnInfo) -> Refusal {
+    if refusal.destination.is_empty() {
+        refusal.at(&info.describe())
+    } else {
+        refusal
+    }
 }
 
 /// How long a request refused with 401/403 waits for a fresh read of its
