@@ -127,6 +127,9 @@ pub struct Auth {
     renewer: Mutex<Option<AbortHandle>>,
     last_denial_login: Mutex<Option<Instant>>,
     backoff: Mutex<LoginBackoff>,
+    /// Set once the token was revoked at shutdown: no login after it (a
+    /// config change while draining must not leave a token behind).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Auth {
@@ -151,6 +154,7 @@ impl Auth {
             renewer: Mutex::new(None),
             last_denial_login: Mutex::new(None),
             backoff: Mutex::new(LoginBackoff::default()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -217,6 +221,12 @@ impl Auth {
     /// A login, unless logins are backing off after failures (then the
     /// last failure, at once).
     async fn login_guarded(&self) -> Result<Session, AuthError> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(AuthError {
+                unreachable: true,
+                reason: "shutting down: no new Vault login".into(),
+            });
+        }
         if let Some(e) = self
             .backoff
             .lock()
@@ -324,6 +334,8 @@ impl Auth {
 
     /// Revokes our token (not one handed to us), on shutdown.
     pub async fn revoke(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(task) = self
             .renewer
             .lock()

@@ -47,6 +47,10 @@ impl VaultAddr {
     /// Parses `https://host[:port]` (or `http://`), with no path, query or
     /// credentials.
     pub fn parse(text: &str) -> Result<Self, String> {
+        if text.contains('@') {
+            // Never quoted: it may be a password.
+            return Err("must not carry credentials (user:password@)".into());
+        }
         let uri: Uri = text
             .trim_end_matches('/')
             .parse()

@@ -521,8 +521,12 @@ impl VaultSource {
         }
         let revision = Revision::new(
             Some(current.version),
-            self.hasher
-                .hash_one((current.version, &current.deletion_time, current.destroyed)),
+            self.hasher.hash_one((
+                current.version,
+                &current.deletion_time,
+                current.destroyed,
+                &current.created_time,
+            )),
         );
         if known == Some(revision) {
             return Ok(Fetched::Unchanged);

@@ -45,6 +45,11 @@ impl<'de> Deserialize<'de> for Token {
     }
 }
 
+/// The longest TTL believed (32 days, beyond Vault's default max of 32
+/// days): a larger one, from a broken or hostile server, would overflow
+/// the arithmetic on instants.
+const MAX_TTL_SECS: u64 = 32 * 24 * 3600;
+
 /// What a login or a renewal grants.
 #[derive(Debug)]
 pub struct Granted {
@@ -80,7 +85,7 @@ pub fn granted(body: &[u8]) -> Result<Granted, String> {
     }
     Ok(Granted {
         token: auth.client_token,
-        ttl: Duration::from_secs(auth.lease_duration),
+        ttl: Duration::from_secs(auth.lease_duration.min(MAX_TTL_SECS)),
         renewable: auth.renewable,
     })
 }
@@ -110,7 +115,7 @@ pub fn looked_up(body: &[u8]) -> Result<Looked, String> {
     let envelope: LookupEnvelope =
         serde_json::from_slice(body).map_err(|e| format!("the answer is {}", describe(&e)))?;
     Ok(Looked {
-        ttl: Duration::from_secs(envelope.data.ttl),
+        ttl: Duration::from_secs(envelope.data.ttl.min(MAX_TTL_SECS)),
         renewable: envelope.data.renewable,
     })
 }
@@ -124,6 +129,10 @@ pub struct CurrentVersion {
     /// RFC 3339, empty when the version is not (to be) deleted.
     pub deletion_time: String,
     pub destroyed: bool,
+    /// When the version was written (RFC 3339): a secret deleted with its
+    /// metadata and written again starts at version 1 again, and only this
+    /// tells the new version 1 from the old.
+    pub created_time: String,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +153,8 @@ struct VersionState {
     deletion_time: String,
     #[serde(default)]
     destroyed: bool,
+    #[serde(default)]
+    created_time: String,
 }
 
 /// Parses a metadata answer down to the current version's state. Custom
@@ -157,6 +168,7 @@ pub fn current_version(body: &[u8]) -> Result<CurrentVersion, String> {
         version: data.current_version,
         deletion_time: state.map(|s| s.deletion_time.clone()).unwrap_or_default(),
         destroyed: state.is_some_and(|s| s.destroyed),
+        created_time: state.map(|s| s.created_time.clone()).unwrap_or_default(),
     })
 }
 
