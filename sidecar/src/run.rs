@@ -164,8 +164,10 @@ fn secret_source(args: &EngineArgs, local: bool) -> Result<SourceChoice> {
                 let trimmed = bytes.trim_ascii();
                 crate::secret::SecretValue::copy_from(trimmed)
             });
-            VaultSettings::from_args(&args.vault, local, token_env)
-                .map(|s| SourceChoice::Vault(Box::new(s)))
+            VaultSettings::from_args(&args.vault, local, token_env).map(|mut s| {
+                s.data_recheck = args.max_staleness;
+                SourceChoice::Vault(Box::new(s))
+            })
         }
     }
 }

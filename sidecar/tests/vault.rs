@@ -1802,3 +1802,40 @@ async fn a_secret_deleted_and_written_again_is_picked_up() -> TestResult {
     assert_eq!(broker.status_of("a")?["version"], 1);
     broker.assert_no_secret_leaked(&vault)
 }
+
+/// A policy that keeps read on `metadata/` but drops it on `data/` takes
+/// effect too: the data is read again at least every maxStaleness.
+#[tokio::test]
+#[ignore = "needs OpenBao (bao): run make setup"]
+async fn dropping_read_on_data_only_fails_the_binding_within_max_staleness() -> TestResult {
+    let vault = Vault::start().await?;
+    let up = upstream(Behaviour::default())?;
+    let value = secret_value("dataonly");
+    vault.put("secret", "data-only/key", "api_key", &value)?;
+    vault.policy("data-only", &["data-only/key"], &[])?;
+    let mut args = vault.addr_args();
+    args.extend(vault.approle("data-only", &["data-only"], "10m", "1h")?);
+    args.extend(["--max-staleness".into(), "2s".into()]);
+    let mut broker = Broker::start(
+        vec![binding("d", "secret", "data-only/key", 2, &up, "1s")],
+        &up,
+        args,
+    )
+    .await?;
+    broker.secrets.push(value);
+    assert_eq!(broker.get("d", &up, "/").await?.0, 200);
+    let policy = json!({ "path": {
+        "secret/metadata/data-only/key": { "capabilities": ["read"] },
+        "auth/token/lookup-self": { "capabilities": ["read"] },
+        "auth/token/renew-self": { "capabilities": ["update"] },
+        "auth/token/revoke-self": { "capabilities": ["update"] },
+    }});
+    let file = vault.file("metadata-only.json", &policy.to_string());
+    vault.bao(&["policy", "write", "data-only", &file.display().to_string()])?;
+    let status = broker
+        .wait_state("d", "failed", Duration::from_secs(8))
+        .await?;
+    assert_eq!(status["step"], "permission_denied", "{status}");
+    assert_eq!(broker.get("d", &up, "/").await?.0, 503);
+    broker.assert_no_secret_leaked(&vault)
+}

@@ -123,6 +123,10 @@ pub struct VaultSettings {
     pub namespace: Option<String>,
     pub credentials: Credentials,
     pub timeout: Duration,
+    /// How long a KV v2 value is confirmed by its metadata alone before its
+    /// data is read again (so a policy that drops read on `data/` but keeps
+    /// `metadata/` takes effect): `--max-staleness`.
+    pub data_recheck: Duration,
 }
 
 fn config_error(text: String) -> Error {
@@ -172,6 +176,7 @@ impl VaultSettings {
             namespace,
             credentials,
             timeout: args.vault_timeout,
+            data_recheck: Duration::from_secs(300),
         })
     }
 
@@ -388,6 +393,10 @@ pub struct VaultSource {
     /// Keys the KV v1 change-detection hash and the KV v2 revision marker;
     /// random per process, never printed.
     hasher: std::collections::hash_map::RandomState,
+    data_recheck: Duration,
+    /// Per KV v2 secret and key: when its data was last read, and a keyed
+    /// hash of the value then.
+    data_checked: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
 }
 
 impl VaultSource {
@@ -407,6 +416,8 @@ impl VaultSource {
             http,
             auth,
             hasher: Default::default(),
+            data_recheck: settings.data_recheck,
+            data_checked: Default::default(),
         })
     }
 
@@ -528,7 +539,9 @@ impl VaultSource {
                 &current.created_time,
             )),
         );
-        if known == Some(revision) {
+        let checked_key = format!("{path}#{}", secret.key);
+        let unchanged = known == Some(revision);
+        if unchanged && self.data_checked_within(&checked_key) {
             return Ok(Fetched::Unchanged);
         }
         let data_path = format!(
@@ -558,7 +571,26 @@ impl VaultSource {
             _ => {}
         }
         let value = key_of(&answer.body, &["data", "data"], secret, &path)?;
+        let hash = self.hasher.hash_one(value.expose_secret());
+        let before = self
+            .data_checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(checked_key, (std::time::Instant::now(), hash));
+        if unchanged && before.is_some_and(|(_, h)| h == hash) {
+            // The periodic re-read of the data: still readable, same value.
+            return Ok(Fetched::Unchanged);
+        }
         Ok(Fetched::Value { value, revision })
+    }
+
+    /// Whether this secret's data was read within `data_recheck`.
+    fn data_checked_within(&self, key: &str) -> bool {
+        self.data_checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|(at, _)| at.elapsed() < self.data_recheck)
     }
 
     async fn read_v1(
