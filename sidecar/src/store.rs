@@ -397,7 +397,7 @@ impl SecretStore {
     /// read of each (rate-limited as [`Self::refresh_now`]) and waits, at
     /// most `wait`, until a binding holds a value other than the one sent
     /// (`true`: a retry may succeed) or the reads finished without one.
-    pub async fn refresh_and_wait(&self, used: &[(&str, Arc<Secret>)], wait: Duration) -> bool {
+    pub async fn refresh_and_wait(&self, used: &[(String, Arc<Secret>)], wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
         let mut finished = self.reads_finished.subscribe();
         let mut pending: Vec<(String, u64)> = Vec::new();
@@ -405,10 +405,10 @@ impl SecretStore {
             let now = Instant::now();
             let mut inner = self.lock();
             for (id, _) in used {
-                if let Some(entry) = inner.entries.get_mut(*id)
+                if let Some(entry) = inner.entries.get_mut(id)
                     && let Some(at) = Self::force(entry, now)
                 {
-                    pending.push(((*id).to_owned(), at));
+                    pending.push((id.clone(), at));
                 }
             }
         }
@@ -416,7 +416,7 @@ impl SecretStore {
             {
                 let inner = self.lock();
                 let replaced = used.iter().any(|(id, sent)| {
-                    inner.entries.get(*id).is_some_and(
+                    inner.entries.get(id).is_some_and(
                         |e| matches!(&e.state, SecretState::Ready(now) if !now.same_value(sent)),
                     )
                 });

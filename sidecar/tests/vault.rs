@@ -8,7 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::fmt;
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -21,42 +22,16 @@ use credbroker_test_support::process::ChildGuard;
 use credbroker_test_support::upstream::{Behaviour, Reply, Upstream};
 use http::StatusCode;
 use serde_json::json;
+use support::{Failure, TestResult, admin_get, assert_no_secret_in, secret_value};
 
 const SIDECAR: &str = env!("CARGO_BIN_EXE_credbroker-sidecar");
-
-/// A failure that prints its message as is.
-struct Failure(String);
-
-impl fmt::Debug for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<E: fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self(e.to_string())
-    }
-}
-
-type TestResult<T = ()> = Result<T, Failure>;
 
 fn fail<T>(message: impl Into<String>) -> TestResult<T> {
     Err(Failure(message.into()))
 }
 
-/// A random value, obviously a test's, that a leak scan can find.
-fn secret_value(name: &str) -> String {
-    format!(
-        "real-{name}-{}",
-        credbroker_sidecar::secret::Placeholder::generate(Some("v")).unwrap()
-    )
-}
-
 fn placeholder() -> String {
-    credbroker_sidecar::secret::Placeholder::generate(Some("sk-"))
-        .unwrap()
-        .to_string()
+    support::placeholder("sk-")
 }
 
 // ---------------------------------------------------------------- Vault --
@@ -387,24 +362,10 @@ impl Broker {
 
     fn admin(&self, path: &str) -> TestResult<(u16, String)> {
         let addr: SocketAddr = ([127, 0, 0, 1], self.admin).into();
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Failure(format!("no status line: {response:?}")))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        admin_get(
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2))?,
+            path,
+        )
     }
 
     /// One binding's entry of `/status`.
@@ -500,7 +461,6 @@ impl Broker {
     /// sidecar's echo detector (every base64 alignment, URL and JSON
     /// escapes, hex).
     fn assert_no_secret_leaked(&self, vault: &Vault) -> TestResult {
-        use base64::Engine as _;
         let mut secrets = self.secrets.clone();
         secrets.extend(vault.issued.lock().unwrap().iter().cloned());
         let live = self
@@ -518,42 +478,15 @@ impl Broker {
             String::new()
         };
         let output = self.output();
-        for (what, text) in [
-            ("the sidecar's output", &output),
-            ("/metrics", &metrics),
-            ("/status", &status),
-            ("what curl saw", &self.saw),
-        ] {
-            for secret in &secrets {
-                let b = secret.as_bytes();
-                let forms = [
-                    secret.clone(),
-                    base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
-                    b.iter().map(|c| format!("{c:02x}")).collect(),
-                    b.iter().map(|c| format!("{c:02X}")).collect(),
-                ];
-                if forms.iter().any(|f| text.contains(f.as_str())) {
-                    return fail(format!("a secret value appears in {what}"));
-                }
-            }
-            let values: Vec<credbroker_sidecar::secret::SecretValue> = secrets
-                .iter()
-                .filter(|s| s.len() >= 8)
-                .map(|s| credbroker_sidecar::secret::SecretValue::copy_from(s.as_bytes()))
-                .collect();
-            let detector = credbroker_sidecar::echo::EchoDetector::new(
-                values.iter().enumerate().map(|(i, v)| (i, "test", v)),
-            )
-            .map_err(|e| Failure(e.to_string()))?;
-            if let Err(found) = detector.check(text.as_bytes()) {
-                return fail(format!(
-                    "a secret value appears in {what} ({})",
-                    found.encoding
-                ));
-            }
-        }
-        Ok(())
+        assert_no_secret_in(
+            &secrets,
+            &[
+                ("the sidecar's output", &output),
+                ("/metrics", &metrics),
+                ("/status", &status),
+                ("what curl saw", &self.saw),
+            ],
+        )
     }
 }
 

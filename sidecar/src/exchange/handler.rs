@@ -79,15 +79,9 @@ pub async fn handle(
         Ok(body) => body,
         Err(refusal) => return txn.refuse(&refusal),
     };
-    parts.uri = match upstream_uri(&plan.route, &parts.uri) {
-        Ok(uri) => uri,
-        Err(refusal) => return txn.refuse(&refusal.at(&plan.destination)),
-    };
-    if !matches!(plan.route, Route::Original(_)) {
-        // The client writes it from the URI (HTTP/1.1) or sends :authority.
-        parts.headers.remove(header::HOST);
+    if let Err(refusal) = aim_upstream(&mut parts, &plan) {
+        return txn.refuse(&refusal);
     }
-    parts.version = Version::HTTP_11;
 
     let Ok(slot) = engine.upstream_requests.clone().try_acquire_owned() else {
         engine.metrics.upstream_error("busy");
@@ -109,12 +103,7 @@ pub async fn handle(
     }
     let mut response = match answer {
         Ok(response) => response,
-        Err(refusal) => {
-            if let Some(step) = refusal.upstream_step {
-                engine.metrics.upstream_error(step);
-            }
-            return txn.refuse(&refusal.refusal);
-        }
+        Err(refusal) => return txn.refuse(refusal.counted(&engine)),
     };
     txn.add_swapped(&outcome.swapped(), &snapshot);
     if matches!(response.status().as_u16(), 401 | 403) && txn.injected() {
@@ -122,10 +111,6 @@ pub async fn handle(
         // poll (rate-limited by the store), and if a new value turns up,
         // send a request that is safe to repeat once more with it.
         let used = used_secrets(&snapshot, &txn.injected);
-        let used: Vec<(&str, Arc<crate::store::Secret>)> = used
-            .iter()
-            .map(|(id, s)| (id.as_str(), s.clone()))
-            .collect();
         // Only a request that could be sent again waits for the read.
         let rotated = match retry_head {
             Some(_) => {
@@ -154,14 +139,9 @@ pub async fn handle(
             snapshot = fresh;
             txn.planned(&plan, &snapshot);
             txn.record.retried = true;
-            parts.uri = match upstream_uri(&plan.route, &parts.uri) {
-                Ok(uri) => uri,
-                Err(refusal) => return txn.refuse(&refusal.at(&plan.destination)),
-            };
-            if !matches!(plan.route, Route::Original(_)) {
-                parts.headers.remove(header::HOST);
+            if let Err(refusal) = aim_upstream(&mut parts, &plan) {
+                return txn.refuse(&refusal);
             }
-            parts.version = Version::HTTP_11;
             outcome = Arc::new(RequestBodyOutcome::default());
             txn.body = Some(outcome.clone());
             let idle = engine.settings.idle_timeout;
@@ -173,12 +153,7 @@ pub async fn handle(
             .boxed_unsync();
             response = match send(&engine, &snapshot, &plan, parts, empty, &outcome).await {
                 Ok(response) => response,
-                Err(refusal) => {
-                    if let Some(step) = refusal.upstream_step {
-                        engine.metrics.upstream_error(step);
-                    }
-                    return txn.refuse(&refusal.refusal);
-                }
+                Err(refusal) => return txn.refuse(refusal.counted(&engine)),
             };
         }
     }
@@ -299,7 +274,7 @@ fn used_secrets(
 /// snapshot is rebuilt from the store right after.
 async fn snapshot_with_new_values(
     engine: &Engine,
-    used: &[(&str, Arc<crate::store::Secret>)],
+    used: &[(String, Arc<crate::store::Secret>)],
 ) -> Option<Arc<Snapshot>> {
     for _ in 0..100 {
         let snapshot = engine.snapshot();
@@ -363,6 +338,29 @@ fn body_refusal(binding: usize, code: &'static str, destination: &str) -> Refusa
 struct SendRefusal {
     refusal: Refusal,
     upstream_step: Option<&'static str>,
+}
+
+impl SendRefusal {
+    /// The refusal, its failed step counted in the metrics.
+    fn counted(&self, engine: &Engine) -> &Refusal {
+        if let Some(step) = self.upstream_step {
+            engine.metrics.upstream_error(step);
+        }
+        &self.refusal
+    }
+}
+
+/// Points the request head at the decided upstream: the URI built from
+/// the route, no `Host` of the agent's for a named route (the client
+/// writes it from the URI, or sends `:authority`), and HTTP/1.1 framing
+/// for the pooled client to renegotiate.
+fn aim_upstream(parts: &mut http::request::Parts, plan: &Plan) -> Result<(), Refusal> {
+    parts.uri = upstream_uri(&plan.route, &parts.uri).map_err(|r| r.at(&plan.destination))?;
+    if !matches!(plan.route, Route::Original(_)) {
+        parts.headers.remove(header::HOST);
+    }
+    parts.version = Version::HTTP_11;
+    Ok(())
 }
 
 /// Sends the request upstream. The response deadline starts once the body

@@ -390,24 +390,10 @@ impl Pod {
     /// `GET path` on the admin port, from inside the pod.
     pub fn admin(&self, path: &str) -> TestResult<(u16, String)> {
         let addr: SocketAddr = ([127, 0, 0, 1], ADMIN_PORT).into();
-        let mut stream = self.netns().connect_tcp(addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Failure(format!("no status line: {response:?}")))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        admin_get(
+            self.netns().connect_tcp(addr, Duration::from_secs(2))?,
+            path,
+        )
     }
 
     pub fn metrics(&self) -> TestResult<String> {
@@ -463,48 +449,20 @@ impl Pod {
     /// encoders and again by the sidecar's echo detector (which knows every
     /// alignment and escape).
     pub fn assert_no_secret_leaked(&self) -> TestResult {
-        use base64::Engine as _;
         let metrics = match self.sidecar.as_ref().map(|c| c.check_running()) {
             Some(Ok(())) => self.metrics()?,
             _ => String::new(),
         };
         let output = self.output();
         let saw = self.agent_saw.lock().unwrap().clone();
-        let values: Vec<credbroker_sidecar::secret::SecretValue> = self
-            .secrets
-            .iter()
-            .map(|s| credbroker_sidecar::secret::SecretValue::copy_from(s.as_bytes()))
-            .collect();
-        let detector = credbroker_sidecar::echo::EchoDetector::new(
-            values.iter().enumerate().map(|(i, v)| (i, "test", v)),
+        assert_no_secret_in(
+            &self.secrets,
+            &[
+                ("the sidecar's output", &output),
+                ("/metrics", &metrics),
+                ("what the agent saw", &saw),
+            ],
         )
-        .map_err(|e| Failure(e.to_string()))?;
-        for (what, text) in [
-            ("the sidecar's output", &output),
-            ("/metrics", &metrics),
-            ("what the agent saw", &saw),
-        ] {
-            for secret in &self.secrets {
-                let b = secret.as_bytes();
-                let forms = [
-                    secret.clone(),
-                    base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
-                    b.iter().map(|c| format!("{c:02x}")).collect(),
-                    b.iter().map(|c| format!("{c:02X}")).collect(),
-                ];
-                if forms.iter().any(|f| text.contains(f.as_str())) {
-                    return Err(Failure(format!("a secret value appears in {what}")));
-                }
-            }
-            if let Err(found) = detector.check(text.as_bytes()) {
-                return Err(Failure(format!(
-                    "a secret value appears in {what} ({})",
-                    found.encoding
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// The sidecar's resident memory, from /proc.
@@ -516,6 +474,66 @@ impl Pod {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or_else(|| Failure("no VmRSS".into()))
     }
+}
+
+/// `GET path` over `stream` (an admin port), as (status, body).
+pub fn admin_get(mut stream: std::net::TcpStream, path: &str) -> TestResult<(u16, String)> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Failure(format!("no status line: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Fails if any of `secrets` appears in any of `texts` (`(where, text)`):
+/// raw, and in the encodings an echo takes, found by this test's own
+/// encoders (base64, base64url, hex) and again by the sidecar's echo
+/// detector (which knows every alignment and escape).
+pub fn assert_no_secret_in(secrets: &[String], texts: &[(&str, &str)]) -> TestResult {
+    use base64::Engine as _;
+    let values: Vec<credbroker_sidecar::secret::SecretValue> = secrets
+        .iter()
+        .filter(|s| s.len() >= credbroker_sidecar::echo::MIN_SECRET_LEN)
+        .map(|s| credbroker_sidecar::secret::SecretValue::copy_from(s.as_bytes()))
+        .collect();
+    let detector = credbroker_sidecar::echo::EchoDetector::new(
+        values.iter().enumerate().map(|(i, v)| (i, "test", v)),
+    )
+    .map_err(|e| Failure(e.to_string()))?;
+    for (what, text) in texts {
+        for secret in secrets {
+            let b = secret.as_bytes();
+            let forms = [
+                secret.clone(),
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+                b.iter().map(|c| format!("{c:02x}")).collect(),
+                b.iter().map(|c| format!("{c:02X}")).collect(),
+            ];
+            if forms.iter().any(|f| text.contains(f.as_str())) {
+                return Err(Failure(format!("a secret value appears in {what}")));
+            }
+        }
+        if let Err(found) = detector.check(text.as_bytes()) {
+            return Err(Failure(format!(
+                "a secret value appears in {what} ({})",
+                found.encoding
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What curl writes after the body: a marker, the response headers as
