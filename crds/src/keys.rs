@@ -31,3 +31,57 @@ pub const NAME_PREFIX: &str = "credbroker-";
 /// The default audience of the projected token the sidecar logs in to Vault
 /// with. It is never one of the API server's own audiences.
 pub const DEFAULT_BROKER_AUDIENCE: &str = "credbroker";
+
+/// The name of the bindings ConfigMap of service account `sa` in its
+/// namespace. The controller writes it and the webhook mounts it, so both
+/// compute it here. A service-account name may be 253 characters, a
+/// ConfigMap name too: the readable part is cut, and a hash of the whole
+/// name keeps two long names that share a beginning apart.
+pub fn bindings_configmap_name(sa: &str) -> String {
+    let readable: String = sa.chars().take(40).collect();
+    let readable = readable.trim_end_matches(['-', '.']);
+    format!("{NAME_PREFIX}{readable}-{}", short_hash(&[sa], 8))
+}
+
+/// The first `hex_len` hex digits of SHA-256 over `parts`, each followed by
+/// a NUL (no Kubernetes name holds one), so `("a-b", "c")` and `("a", "b-c")`
+/// hash apart.
+pub fn short_hash(parts: &[&str], hex_len: usize) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        ctx.update(part.as_bytes());
+        ctx.update(&[0]);
+    }
+    let digest = ctx.finish();
+    let mut out = String::with_capacity(hex_len);
+    for byte in digest.as_ref() {
+        if out.len() >= hex_len {
+            break;
+        }
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out.truncate(hex_len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configmap_names_are_valid_and_distinct() {
+        let long = "a".repeat(253);
+        let long2 = format!("{}b", "a".repeat(252));
+        for sa in ["research-agent", long.as_str(), "a.b-"] {
+            let name = bindings_configmap_name(sa);
+            assert!(name.len() <= 63, "{name}");
+            assert!(crate::validate::dns_subdomain("n", &name).is_ok(), "{name}");
+        }
+        assert_ne!(
+            bindings_configmap_name(&long),
+            bindings_configmap_name(&long2)
+        );
+        assert_eq!(short_hash(&["a-b", "c"], 16).len(), 16);
+        assert_ne!(short_hash(&["a-b", "c"], 16), short_hash(&["a", "b-c"], 16));
+    }
+}
