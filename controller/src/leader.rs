@@ -1,0 +1,196 @@
+//! Leader election on a `coordination.k8s.io` Lease, so that only one
+//! replica writes to Vault and Kubernetes at a time.
+//!
+//! The rules are client-go's: a lease is taken over only when its record
+//! (holder and renew time) has not changed for a whole lease duration as
+//! measured by this replica's own clock, so clock skew between replicas
+//! does not matter; updates carry the resourceVersion, so two replicas
+//! cannot both win. A leader that cannot renew within the renew deadline
+//! (shorter than the lease duration) steps down before anyone else can
+//! take over.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{Error, Result};
+
+/// Where the lease is and how it is held.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub namespace: String,
+    pub name: String,
+    /// This replica's name in `holderIdentity` (the pod name).
+    pub identity: String,
+    /// How long a silent leader keeps the lease.
+    pub lease_duration: Duration,
+    /// A leader that has not renewed for this long steps down.
+    pub renew_deadline: Duration,
+    /// How often to renew, or to try to take over.
+    pub retry_period: Duration,
+}
+
+/// One replica's view of the lease.
+pub struct Elector {
+    api: Api<Lease>,
+    settings: LeaseSettings,
+    /// The last record seen and when this replica first saw it.
+    observed: Option<(String, Option<MicroTime>, Instant)>,
+}
+
+impl Elector {
+    pub fn new(client: kube::Client, settings: LeaseSettings) -> Result<Self> {
+        if settings.renew_deadline >= settings.lease_duration {
+            return Err(Error::config(
+                "--lease-renew-deadline",
+                "must be shorter than --lease-duration, or two leaders could overlap",
+            ));
+        }
+        Ok(Self {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            observed: None,
+        })
+    }
+
+    /// Waits until this replica holds the lease. `false` if cancelled first.
+    pub async fn acquire(&mut self, cancel: &CancellationToken) -> bool {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {
+                    info!(lease = %self.settings.name, identity = %self.settings.identity, "became the leader");
+                    return true;
+                }
+                Ok(false) => {}
+                Err(e) => warn!("leader election: {e}"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(self.settings.retry_period) => {}
+            }
+        }
+    }
+
+    /// Renews until renewal fails for the renew deadline or another
+    /// replica holds the lease; returns the reason. Returns `None` when
+    /// cancelled (the caller then releases the lease).
+    pub async fn hold(&mut self, cancel: &CancellationToken) -> Option<String> {
+        let mut last_renew = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(self.settings.retry_period) => {}
+            }
+            let attempt = tokio::time::timeout(
+                self.settings
+                    .renew_deadline
+                    .saturating_sub(last_renew.elapsed()),
+                self.try_acquire_or_renew(),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(true)) => last_renew = Instant::now(),
+                Ok(Ok(false)) => return Some("another replica holds the lease".into()),
+                Ok(Err(e)) => warn!("renewing the leader lease: {e}"),
+                Err(_) => {}
+            }
+            if last_renew.elapsed() >= self.settings.renew_deadline {
+                return Some(format!(
+                    "the lease was not renewed within {:?}",
+                    self.settings.renew_deadline
+                ));
+            }
+        }
+    }
+
+    /// Gives the lease up, so a standby takes over at once.
+    pub async fn release(&mut self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
+            return;
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        if self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+            .is_ok()
+        {
+            info!(lease = %self.settings.name, "released the leader lease");
+        }
+    }
+
+    async fn try_acquire_or_renew(&mut self) -> Result<bool> {
+        let name = &self.settings.name;
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let seconds =
+            i32::try_from(self.settings.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX);
+        let me = self.settings.identity.clone();
+        let current = self.api.get_opt(name).await.map_err(Error::kube(format!(
+            "reading lease {}/{name}",
+            self.settings.namespace
+        )))?;
+        let Some(mut lease) = current else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(self.settings.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(Error::kube(format!("creating lease {name}"))(e)),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        if holder != me {
+            let record = (holder.clone(), spec.renew_time.clone());
+            let changed = self
+                .observed
+                .as_ref()
+                .is_none_or(|(h, r, _)| (h, r) != (&record.0, &record.1));
+            if changed {
+                self.observed = Some((record.0, record.1, Instant::now()));
+            }
+            let silent_for = self
+                .observed
+                .as_ref()
+                .map(|(_, _, at)| at.elapsed())
+                .unwrap_or_default();
+            if !holder.is_empty() && silent_for < self.settings.lease_duration {
+                return Ok(false);
+            }
+            spec.acquire_time = Some(now.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            info!(lease = %name, previous = %holder, "taking over the leader lease");
+        }
+        spec.holder_identity = Some(me);
+        spec.renew_time = Some(now);
+        spec.lease_duration_seconds = Some(seconds);
+        // The resourceVersion read above makes this a compare-and-swap.
+        match self.api.replace(name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(Error::kube(format!("updating lease {name}"))(e)),
+        }
+    }
+}

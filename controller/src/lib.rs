@@ -1,0 +1,92 @@
+//! credbroker's controller: it turns `CredentialBinding`s, within what
+//! `ClusterCredentialPolicy`s allow, into one Vault ACL policy, one
+//! Kubernetes-auth role and one bindings ConfigMap per (namespace,
+//! service account). It never reads a secret value: it reads KV metadata to
+//! report whether a secret exists, and writes only `credbroker-*` policies
+//! and roles.
+//!
+//! Reconcile is a pipeline (read → validate → desired state → apply →
+//! status). The middle steps are the pure modules [`admission`] and
+//! [`desired`], where most tests live; [`vault`] and [`reconcile`] are the
+//! I/O edges around them.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admission;
+pub mod desired;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod reconcile;
+pub mod run;
+pub mod settings;
+pub mod status;
+pub mod sweep;
+pub mod vault;
+
+/// Everything that can go wrong in the controller, naming what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or did not answer.
+    #[error("{doing}: {source}")]
+    Kube {
+        doing: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Vault did not answer (connection, TLS or timeout).
+    #[error("Vault unreachable at {addr} while {doing}: {reason}")]
+    VaultUnavailable {
+        addr: String,
+        doing: String,
+        reason: String,
+    },
+    /// Vault answered with an error status. `errors` is Vault's own error
+    /// list, which never holds a secret (the controller never sends or
+    /// reads one).
+    #[error("Vault refused {doing} (HTTP {status}){errors}")]
+    VaultRefused {
+        doing: String,
+        status: u16,
+        errors: String,
+    },
+    /// A setting or a file the controller was given is wrong.
+    #[error("{what}: {reason}")]
+    Config { what: String, reason: String },
+    /// An object failed the same checks the CRD schema makes.
+    #[error(transparent)]
+    Invalid(#[from] credbroker_crds::Error),
+    /// The finalizer could not be added or removed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// A short, stable reason: a metric label and a condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube { .. } => "KubernetesError",
+            Self::VaultUnavailable { .. } => "VaultUnavailable",
+            Self::VaultRefused { status: 403, .. } => "VaultPermissionDenied",
+            Self::VaultRefused { .. } => "VaultError",
+            Self::Config { .. } => "ConfigError",
+            Self::Invalid(_) => "Invalid",
+            Self::Finalizer(_) => "FinalizerError",
+        }
+    }
+
+    pub(crate) fn kube(doing: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let doing = doing.into();
+        move |source| Self::Kube { doing, source }
+    }
+
+    pub(crate) fn config(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Config {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

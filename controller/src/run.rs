@@ -1,0 +1,549 @@
+//! The binary's flags and its life: log in to Vault, win the lease, run
+//! the controller and the sweep, and on SIGTERM stop, release the lease
+//! and revoke the Vault token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use credbroker_crds::{ClusterCredentialPolicy, CredentialBinding};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Health};
+use crate::leader::{Elector, LeaseSettings};
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, LoopSettings, error_policy, reconcile};
+use crate::settings::GrantSettings;
+use crate::vault::{Token, VaultAuth, VaultClient, VaultSettings};
+use crate::{Error, Result};
+
+fn duration(text: &str) -> std::result::Result<Duration, String> {
+    credbroker_crds::duration::parse(text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMethod {
+    Kubernetes,
+    Approle,
+    Token,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// credbroker's controller: CredentialBindings, within ClusterCredentialPolicies,
+/// become Vault policies, Kubernetes-auth roles and the sidecar's ConfigMaps.
+#[derive(Debug, clap::Parser)]
+#[command(name = "credbroker-controller", version, args_override_self = true)]
+pub struct Args {
+    /// This cluster's id. It is hashed into every Vault name, so clusters
+    /// sharing one Vault never touch each other's policies and roles.
+    #[arg(long, env = "CREDBROKER_CLUSTER_ID")]
+    pub cluster_id: String,
+
+    /// Print the Vault policy the controller itself needs (JSON, for
+    /// `vault policy write`), for this cluster id, --kubernetes-auth-mount
+    /// and each --kv-mount, and exit.
+    #[arg(long)]
+    pub print_vault_policy: bool,
+    /// A KV v2 mount whose metadata the controller reads (with
+    /// --print-vault-policy; repeat for several).
+    #[arg(long = "kv-mount", default_value = "secret")]
+    pub kv_mounts: Vec<String>,
+
+    /// Vault's address, `https://host:port`.
+    #[arg(
+        long,
+        env = "VAULT_ADDR",
+        required_unless_present = "print_vault_policy"
+    )]
+    pub vault_addr: Option<String>,
+    /// How the controller itself logs in to Vault.
+    #[arg(long, value_enum, default_value = "kubernetes")]
+    pub vault_auth: AuthMethod,
+    /// The auth mount the controller logs in through (kubernetes or approle).
+    #[arg(long)]
+    pub vault_auth_mount: Option<String>,
+    /// The Vault role the controller logs in with (Kubernetes auth).
+    #[arg(long)]
+    pub vault_role: Option<String>,
+    /// The controller's own ServiceAccount token (Kubernetes auth).
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub vault_jwt_file: PathBuf,
+    /// The AppRole role id.
+    #[arg(long)]
+    pub vault_role_id: Option<String>,
+    /// A file holding the AppRole secret id.
+    #[arg(long)]
+    pub vault_secret_id_file: Option<PathBuf>,
+    /// A file holding a Vault token (token auth, for development).
+    #[arg(long)]
+    pub vault_token_file: Option<PathBuf>,
+    /// The Vault namespace (Enterprise / OpenBao).
+    #[arg(long)]
+    pub vault_namespace: Option<String>,
+    /// PEM CA certificates to trust for Vault, added to the system roots.
+    #[arg(long, env = "CREDBROKER_VAULT_CA_FILE")]
+    pub vault_ca_file: Option<PathBuf>,
+    /// Allow a cleartext `http://` Vault address. Development only.
+    #[arg(long)]
+    pub vault_allow_http: bool,
+    /// The deadline of each Vault request.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub vault_timeout: Duration,
+
+    /// The Kubernetes auth mount the sidecars' roles are written under.
+    #[arg(long, default_value = "kubernetes")]
+    pub kubernetes_auth_mount: String,
+    /// The audience the sidecar's projected token must carry.
+    #[arg(long, default_value = credbroker_crds::keys::DEFAULT_BROKER_AUDIENCE)]
+    pub broker_audience: String,
+    /// The TTL of a sidecar's Vault token.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    pub token_ttl: Duration,
+    /// The longest a sidecar's Vault token can be renewed to.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub token_max_ttl: Duration,
+
+    /// How often a settled binding is checked again (Vault drift, secret versions).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub resync_interval: Duration,
+    /// How often orphaned credbroker-* policies, roles and ConfigMaps are swept.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub sweep_interval: Duration,
+    /// How long a deleted binding waits for Vault before its finalizer is
+    /// removed anyway (the sweep finishes the job later).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub cleanup_timeout: Duration,
+    /// Bindings reconciled at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u16,
+
+    /// Health and metrics: `/healthz`, `/readyz`, `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+
+    /// Elect a leader, so that only one replica writes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    #[arg(long, default_value = "credbroker-controller")]
+    pub lease_name: String,
+    /// The lease's namespace (default: this pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "credbroker-system")]
+    pub lease_namespace: String,
+    /// This replica's identity in the lease (default: POD_NAME, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub lease_identity: Option<String>,
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    pub lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub lease_renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub lease_retry_period: Duration,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Logs to stderr, as text or JSON lines; `RUST_LOG` filters (default info).
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn vault_settings(args: &Args) -> Result<VaultSettings> {
+    let auth = match args.vault_auth {
+        AuthMethod::Kubernetes => VaultAuth::Kubernetes {
+            mount: args
+                .vault_auth_mount
+                .clone()
+                .unwrap_or_else(|| "kubernetes".into()),
+            role: args.vault_role.clone().ok_or_else(|| {
+                Error::config("--vault-role", "is required with --vault-auth kubernetes")
+            })?,
+            jwt_file: args.vault_jwt_file.clone(),
+        },
+        AuthMethod::Approle => VaultAuth::AppRole {
+            mount: args
+                .vault_auth_mount
+                .clone()
+                .unwrap_or_else(|| "approle".into()),
+            role_id: args.vault_role_id.clone().ok_or_else(|| {
+                Error::config("--vault-role-id", "is required with --vault-auth approle")
+            })?,
+            secret_id_file: args.vault_secret_id_file.clone().ok_or_else(|| {
+                Error::config(
+                    "--vault-secret-id-file",
+                    "is required with --vault-auth approle",
+                )
+            })?,
+        },
+        AuthMethod::Token => {
+            let token = match (
+                &args.vault_token_file,
+                std::env::var("CREDBROKER_VAULT_TOKEN"),
+            ) {
+                (Some(file), _) => std::fs::read_to_string(file).map_err(|e| {
+                    Error::config(
+                        format!("--vault-token-file {}", file.display()),
+                        e.to_string(),
+                    )
+                })?,
+                (None, Ok(token)) => token,
+                (None, Err(_)) => {
+                    return Err(Error::config(
+                        "--vault-token-file",
+                        "is required with --vault-auth token (or set CREDBROKER_VAULT_TOKEN)",
+                    ));
+                }
+            };
+            if token.trim().is_empty() {
+                return Err(Error::config("the Vault token", "is empty"));
+            }
+            VaultAuth::Token(Token::new(token.trim().to_owned()))
+        }
+    };
+    Ok(VaultSettings {
+        addr: args.vault_addr.clone().unwrap_or_default(),
+        auth,
+        namespace: args.vault_namespace.clone(),
+        ca_file: args.vault_ca_file.clone(),
+        timeout: args.vault_timeout,
+        allow_http: args.vault_allow_http,
+    })
+}
+
+fn validate_args(args: &Args) -> Result<()> {
+    let id = &args.cluster_id;
+    if id.is_empty()
+        || id.len() > 63
+        || !id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+    {
+        return Err(Error::config(
+            "--cluster-id",
+            format!("{id:?} must be 1-63 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    if args.token_ttl.is_zero() || args.token_max_ttl < args.token_ttl {
+        return Err(Error::config(
+            "--token-max-ttl",
+            "must be at least --token-ttl, which must not be zero",
+        ));
+    }
+    for (flag, value) in [
+        (
+            "--kubernetes-auth-mount",
+            args.kubernetes_auth_mount.as_str(),
+        ),
+        (
+            "--vault-auth-mount",
+            args.vault_auth_mount.as_deref().unwrap_or("kubernetes"),
+        ),
+    ] {
+        if value.is_empty()
+            || !value.split('/').all(|s| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-_".contains(&c))
+            })
+        {
+            return Err(Error::config(
+                flag,
+                format!("{value:?} is not an auth mount path"),
+            ));
+        }
+    }
+    if args.broker_audience.is_empty() {
+        return Err(Error::config("--broker-audience", "must not be empty"));
+    }
+    Ok(())
+}
+
+/// Runs until SIGTERM or SIGINT (Ok) or until leadership is lost or the
+/// controller cannot start (Err).
+pub async fn run(args: Args) -> Result<()> {
+    validate_args(&args)?;
+    if args.print_vault_policy {
+        for mount in &args.kv_mounts {
+            credbroker_crds::validate::vault_mount("--kv-mount", mount)?;
+        }
+        #[allow(clippy::print_stdout)]
+        {
+            println!(
+                "{}",
+                crate::desired::controller_policy(
+                    &args.cluster_id,
+                    &args.kubernetes_auth_mount,
+                    &args.kv_mounts
+                )
+            );
+        }
+        return Ok(());
+    }
+    info!(
+        cluster_id = %args.cluster_id,
+        prefix = %crate::names::cluster_prefix(&args.cluster_id),
+        "Vault policy and role names of this cluster start with the prefix"
+    );
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|e| Error::config(format!("--admin-addr {}", args.admin_addr), e.to_string()))?;
+    info!(addr = %args.admin_addr, "serving /healthz, /readyz and /metrics");
+    tokio::spawn(admin::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let vault = Arc::new(VaultClient::new(vault_settings(&args)?, metrics.clone())?);
+    vault.login().await?;
+    info!(addr = %vault.addr(), "logged in to Vault");
+
+    let client = kube::Client::try_default().await.map_err(|e| {
+        Error::config(
+            "the Kubernetes client (in-cluster config or KUBECONFIG)",
+            e.to_string(),
+        )
+    })?;
+    let identity = args.lease_identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    health.set_ready(true);
+
+    let mut elector = None;
+    if args.leader_elect {
+        let mut e = Elector::new(
+            client.clone(),
+            LeaseSettings {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: args.lease_duration,
+                renew_deadline: args.lease_renew_deadline,
+                retry_period: args.lease_retry_period,
+            },
+        )?;
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting to become the leader");
+        if !e.acquire(&shutdown).await {
+            vault.revoke().await;
+            return Ok(());
+        }
+        elector = Some(e);
+    }
+    metrics.set_leader(true);
+
+    let work = CancellationToken::new();
+    let controller = tokio::spawn(run_controller(
+        client.clone(),
+        vault.clone(),
+        &args,
+        metrics.clone(),
+        identity,
+        work.clone(),
+    )?);
+    let outcome = match elector.as_mut() {
+        Some(e) => {
+            tokio::select! {
+                lost = e.hold(&shutdown) => lost,
+                _ = shutdown.cancelled() => None,
+            }
+        }
+        None => {
+            shutdown.cancelled().await;
+            None
+        }
+    };
+    work.cancel();
+    metrics.set_leader(false);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    if let Some(e) = elector.as_mut()
+        && outcome.is_none()
+    {
+        e.release().await;
+    }
+    vault.revoke().await;
+    match outcome {
+        Some(reason) => Err(Error::config(
+            "leadership",
+            format!("lost: {reason}; exiting so no two replicas write"),
+        )),
+        None => {
+            info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            error!("cannot listen for SIGTERM; stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!("shutting down");
+        shutdown.cancel();
+    });
+}
+
+/// The controller and the sweep, until `work` is cancelled.
+fn run_controller(
+    client: kube::Client,
+    vault: Arc<VaultClient>,
+    args: &Args,
+    metrics: Arc<Metrics>,
+    identity: String,
+    work: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let grants = GrantSettings {
+        cluster_id: args.cluster_id.clone(),
+        auth_mount: args.kubernetes_auth_mount.clone(),
+        audience: args.broker_audience.clone(),
+        token_ttl: args.token_ttl,
+        token_max_ttl: args.token_max_ttl,
+    };
+    let loop_settings = LoopSettings {
+        resync: args.resync_interval,
+        cleanup_timeout: args.cleanup_timeout,
+        ..LoopSettings::default()
+    };
+    let sweep_interval = args.sweep_interval;
+    let concurrency = args.concurrency;
+    Ok(async move {
+        let bindings = Api::<CredentialBinding>::all(client.clone());
+        let configmaps = Api::<ConfigMap>::all(client.clone());
+        let namespaces = Api::<Namespace>::all(client.clone());
+        let (policies, policy_writer) = reflector::store::<ClusterCredentialPolicy>();
+        let policy_events = reflector::reflector(
+            policy_writer,
+            watcher(
+                Api::<ClusterCredentialPolicy>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .filter_map(|event| async move {
+            match event {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    warn!("watching ClusterCredentialPolicies: {e}");
+                    None
+                }
+            }
+        });
+        let controller = Controller::new(bindings, watcher::Config::default())
+            .owns(
+                configmaps,
+                watcher::Config::default().labels(&format!(
+                    "app.kubernetes.io/managed-by={}",
+                    credbroker_crds::keys::MANAGED_BY
+                )),
+            )
+            .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+        let store = controller.store();
+        let namespace_store = store.clone();
+        // A namespace's labels decide which policies select it: a change
+        // re-evaluates that namespace's bindings.
+        let controller = controller
+            .watches(
+                namespaces,
+                watcher::Config::default(),
+                move |ns: Namespace| {
+                    let name = ns.metadata.name.clone().unwrap_or_default();
+                    namespace_store
+                        .state()
+                        .into_iter()
+                        .filter(|b| b.metadata.namespace.as_deref() == Some(name.as_str()))
+                        .map(|b| ObjectRef::from_obj(b.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            )
+            // Any policy change re-evaluates every binding; compare-before-
+            // write keeps that cheap.
+            .reconcile_all_on(policy_events)
+            .graceful_shutdown_on({
+                let work = work.clone();
+                async move { work.cancelled().await }
+            });
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "credbroker-controller".into(),
+                instance: Some(identity),
+            },
+        );
+        let ctx = Arc::new(Context::new(
+            client,
+            vault,
+            grants,
+            loop_settings,
+            metrics,
+            recorder,
+            store.clone(),
+            policies.clone(),
+        ));
+        let sweeper = {
+            let ctx = ctx.clone();
+            let work = work.clone();
+            tokio::spawn(async move {
+                loop {
+                    match crate::sweep::sweep(&ctx).await {
+                        Ok(swept) if swept != Default::default() => info!(?swept, "sweep done"),
+                        Ok(_) => {}
+                        Err(e) => warn!(reason = e.reason(), "sweep failed: {e}"),
+                    }
+                    tokio::select! {
+                        _ = work.cancelled() => return,
+                        _ = tokio::time::sleep(sweep_interval) => {}
+                    }
+                }
+            })
+        };
+        controller
+            .run(reconcile, error_policy, ctx)
+            .for_each(|_| async {})
+            .await;
+        sweeper.abort();
+    })
+}
