@@ -272,4 +272,8 @@ pub struct CredentialBindingStatus {
     /// The Vault Kubernetes-auth role the sidecar logs in with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault_role: Option<String>,
+    /// The service account the grant was last made for, so a change of
+    /// `spec.serviceAccountName` withdraws the old account's grant too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_service_account: Option<String>,
 }

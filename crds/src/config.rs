@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::binding::{HttpMethod, Surface, VaultSecretRef};
+use crate::binding::{HttpMethod, PlaceholderSpec, Surface, VaultSecretRef};
 use crate::{Error, Result, validate};
 
 /// The format version this crate writes and reads.
@@ -48,6 +48,10 @@ pub struct SidecarBinding {
     /// How often to check Vault for a new version (e.g. `30s`; default 30s).
     #[serde(default = "default_refresh_interval")]
     pub refresh_interval: String,
+    /// The binding's placeholder env var and prefix, as the webhook
+    /// injects them (the sidecar itself does not use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<PlaceholderSpec>,
 }
 
 fn default_surfaces() -> Vec<Surface> {
@@ -284,6 +288,7 @@ mod tests {
                 }],
                 surfaces: vec![Surface::Header],
                 refresh_interval: "30s".into(),
+                placeholder: None,
             }],
         }
     }

@@ -105,4 +105,15 @@ pub struct VaultPathGrant {
     #[schemars(length(max = 512), regex(pattern = VAULT_PATH_PREFIX_PATTERN))]
     #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('./') && !self.contains('/./') && !self.endsWith('/.') && self != '.'").message("must not contain a '.' or '..' segment"))]
     pub path_prefix: String,
+    /// The KV secrets engine version of the mount: 1 or 2 (default). A
+    /// binding must name the same version. The admin states it because a
+    /// wrong version widens a grant: on a KV v1 mount, the v2 paths
+    /// `<mount>/data/<path>` are ordinary secrets outside `pathPrefix`.
+    #[serde(default = "default_kv_version")]
+    #[schemars(range(min = 1, max = 2))]
+    pub kv_version: u8,
+}
+
+fn default_kv_version() -> u8 {
+    2
 }

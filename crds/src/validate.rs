@@ -488,6 +488,12 @@ pub fn policy_spec(spec: &ClusterCredentialPolicySpec) -> Result<()> {
             &format!("spec.allow[{i}].vault.pathPrefix"),
             &a.vault.path_prefix,
         )?;
+        if !matches!(a.vault.kv_version, 1 | 2) {
+            return Err(Error::invalid(
+                format!("spec.allow[{i}].vault.kvVersion"),
+                format!("{} is not 1 or 2", a.vault.kv_version),
+            ));
+        }
         if a.destinations.is_empty() {
             return Err(Error::invalid(
                 format!("spec.allow[{i}].destinations"),

@@ -318,6 +318,7 @@ mod tests {
             destinations,
             surfaces,
             refresh_interval: "30s".into(),
+            placeholder: None,
         }
     }
 

@@ -1623,6 +1623,7 @@ mod tests {
             destinations: vec![],
             surfaces: vec![credbroker_crds::Surface::Header],
             refresh_interval: "30s".into(),
+            placeholder: None,
         };
         let bindings = vec![
             binding("openai"),

@@ -628,17 +628,9 @@ async fn kubernetes_auth_admits_only_broker_audience_tokens_of_the_bound_account
     vault.put("secret", "teams/k8s/key", "api_key", &value)?;
     vault.put("kv1", "teams/k8s/key", "api_key", &v1_value)?;
     vault.policy("k8s-reader", &["teams/k8s/key"], &["teams/k8s/key"])?;
-    vault.bao(&["auth", "enable", "kubernetes"])?;
-    let ca = vault.file("k8s-ca.crt", server.ca_pem());
-    let reviewer_file = vault.file("reviewer.jwt", &reviewer);
-    vault.bao(&[
-        "write",
-        "auth/kubernetes/config",
-        &format!("kubernetes_host={}", server.url()),
-        &format!("kubernetes_ca_cert=@{}", ca.display()),
-        &format!("token_reviewer_jwt=@{}", reviewer_file.display()),
-        "disable_local_ca_jwt=true",
-    ])?;
+    vault
+        .bao
+        .configure_kubernetes_auth("kubernetes", &server, &reviewer)?;
     vault.bao(&[
         "write",
         "auth/kubernetes/role/agent",

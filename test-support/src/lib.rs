@@ -140,6 +140,48 @@ where
     }
 }
 
+/// `GET path` over `stream` (an admin port: health, metrics), as (status,
+/// body). Plain HTTP/1.1 by hand, so no client's proxy settings apply.
+pub fn http_get(mut stream: std::net::TcpStream, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let io = |e| Error::Io(format!("GET {path}"), e);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(io)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Other(format!("GET {path}: no status line in {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The forms a leaked secret most often takes in text: raw, base64 (padded,
+/// unpadded, URL-safe) and hex (both cases). Leak scans look for each.
+pub fn encoded_forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let b = secret.as_bytes();
+    vec![
+        secret.to_owned(),
+        base64::engine::general_purpose::STANDARD.encode(b),
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
+        b.iter().map(|c| format!("{c:02x}")).collect(),
+        b.iter().map(|c| format!("{c:02X}")).collect(),
+    ]
+}
+
 /// How long [`run`] lets a command take before killing it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 

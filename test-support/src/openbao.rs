@@ -231,6 +231,34 @@ impl OpenBao {
             .map_err(|e| vault_error(&format!("enabling auth method {method} at auth/{path}/"), e))
     }
 
+    /// Enables Kubernetes auth at `auth/<mount>/` and points it at `server`,
+    /// with `reviewer_jwt` (a token of a ServiceAccount bound to
+    /// `system:auth-delegator`, see `Cluster::create_token_reviewer`) for
+    /// TokenReview: OpenBao then checks every login with the real apiserver.
+    pub fn configure_kubernetes_auth(
+        &self,
+        mount: &str,
+        server: &crate::apiserver::TestApiServer,
+        reviewer_jwt: &str,
+    ) -> Result<()> {
+        let ca = self.dir.path().join(format!("{mount}-k8s-ca.crt"));
+        std::fs::write(&ca, server.ca_pem())
+            .map_err(|e| Error::Io("writing the apiserver CA".into(), e))?;
+        let reviewer = self.dir.path().join(format!("{mount}-reviewer.jwt"));
+        std::fs::write(&reviewer, reviewer_jwt)
+            .map_err(|e| Error::Io("writing the reviewer token".into(), e))?;
+        self.bao(&["auth", "enable", &format!("-path={mount}"), "kubernetes"])?;
+        self.bao(&[
+            "write",
+            &format!("auth/{mount}/config"),
+            &format!("kubernetes_host={}", server.url()),
+            &format!("kubernetes_ca_cert=@{}", ca.display()),
+            &format!("token_reviewer_jwt=@{}", reviewer.display()),
+            "disable_local_ca_jwt=true",
+        ])?;
+        Ok(())
+    }
+
     /// Writes the ACL policy `name`; `policy` is its HCL or JSON text.
     pub async fn write_policy(&self, name: &str, policy: &str) -> Result<()> {
         vaultrs::sys::policy::set(&self.client, name, policy)

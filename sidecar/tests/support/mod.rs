@@ -16,7 +16,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt;
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -477,24 +476,8 @@ impl Pod {
 }
 
 /// `GET path` over `stream` (an admin port), as (status, body).
-pub fn admin_get(mut stream: std::net::TcpStream, path: &str) -> TestResult<(u16, String)> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Failure(format!("no status line: {response:?}")))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+pub fn admin_get(stream: std::net::TcpStream, path: &str) -> TestResult<(u16, String)> {
+    Ok(credbroker_test_support::http_get(stream, path)?)
 }
 
 /// Fails if any of `secrets` appears in any of `texts` (`(where, text)`):
@@ -502,7 +485,6 @@ pub fn admin_get(mut stream: std::net::TcpStream, path: &str) -> TestResult<(u16
 /// encoders (base64, base64url, hex) and again by the sidecar's echo
 /// detector (which knows every alignment and escape).
 pub fn assert_no_secret_in(secrets: &[String], texts: &[(&str, &str)]) -> TestResult {
-    use base64::Engine as _;
     let values: Vec<credbroker_sidecar::secret::SecretValue> = secrets
         .iter()
         .filter(|s| s.len() >= credbroker_sidecar::echo::MIN_SECRET_LEN)
@@ -514,14 +496,7 @@ pub fn assert_no_secret_in(secrets: &[String], texts: &[(&str, &str)]) -> TestRe
     .map_err(|e| Failure(e.to_string()))?;
     for (what, text) in texts {
         for secret in secrets {
-            let b = secret.as_bytes();
-            let forms = [
-                secret.clone(),
-                base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
-                b.iter().map(|c| format!("{c:02x}")).collect(),
-                b.iter().map(|c| format!("{c:02X}")).collect(),
-            ];
+            let forms = credbroker_test_support::encoded_forms(secret);
             if forms.iter().any(|f| text.contains(f.as_str())) {
                 return Err(Failure(format!("a secret value appears in {what}")));
             }
