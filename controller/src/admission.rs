@@ -85,6 +85,18 @@ pub fn admit(
             "no ClusterCredentialPolicy allows Vault path {secret} for namespace {namespace}"
         )));
     }
+    // The mount's KV version decides which Vault paths a grant names; only
+    // the admin's word for it counts.
+    let covering: Vec<&Allowance> = covering
+        .into_iter()
+        .filter(|a| a.vault.kv_version == vault.kv_version)
+        .collect();
+    if covering.is_empty() {
+        return Err(Denial(format!(
+            "no ClusterCredentialPolicy allows Vault path {secret} as KV version {} for namespace {namespace} (the policy gives the mount another version)",
+            vault.kv_version
+        )));
+    }
     for d in &binding.destinations {
         if !covering.iter().any(|a| allows_destination(a, d, binding)) {
             return Err(Denial(explain(&covering, d, binding, &secret, namespace)));
@@ -256,6 +268,10 @@ mod tests {
                 );
             }
         }
+        let mut v1 = binding(&openai("api.openai.com"));
+        v1.source.vault.kv_version = 1;
+        let e = admit("agents", &team, &v1, &p).unwrap_err();
+        assert!(e.0.contains("as KV version 1"), "{e:?}");
         let other_mount =
             binding(&openai("api.openai.com").replace(r#""mount":"secret""#, r#""mount":"kv""#));
         assert!(admit("agents", &team, &other_mount, &p).is_err());

@@ -66,8 +66,11 @@ pub struct Account {
     pub owners: Vec<(String, String)>,
 }
 
-/// The Kubernetes-auth role fields the controller sets, as written to and
-/// compared with `auth/<mount>/role/<name>`.
+/// The Kubernetes-auth role, as written to and compared with
+/// `auth/<mount>/role/<name>`. Every field that could widen what a token
+/// gets is set explicitly, because a write merges into the stored role: a
+/// hand-set `token_period` (renewable forever), `token_num_uses`,
+/// `token_bound_cidrs` or `token_type` would otherwise survive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubernetesRole {
     pub bound_service_account_names: Vec<String>,
@@ -75,6 +78,11 @@ pub struct KubernetesRole {
     pub audience: String,
     pub token_ttl: u64,
     pub token_max_ttl: u64,
+    pub token_explicit_max_ttl: u64,
+    pub token_period: u64,
+    pub token_num_uses: u64,
+    pub token_bound_cidrs: Vec<String>,
+    pub token_type: String,
     pub token_no_default_policy: bool,
     pub token_policies: Vec<String>,
 }
@@ -111,12 +119,17 @@ const SELF_SERVICE: [(&str, &str); 3] = [
 /// Computes the desired state.
 pub fn desired_state(inputs: &Inputs<'_>) -> Desired {
     let mut desired = Desired::default();
-    // Bindings by account, in name order so conflicts resolve the same way
-    // every time (the earlier name wins).
+    // Bindings by account, oldest first, so a conflict resolves the same
+    // way every time and a new binding never displaces one already working.
     let mut by_account: BTreeMap<AccountKey, Vec<(&CredentialBinding, SidecarBinding)>> =
         BTreeMap::new();
     let mut sorted: Vec<&CredentialBinding> = inputs.bindings.to_vec();
-    sorted.sort_by_key(|b| key_of(b));
+    sorted.sort_by_key(|b| {
+        (
+            b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            key_of(b),
+        )
+    });
     let no_labels = BTreeMap::new();
     for binding in sorted {
         let key = key_of(binding);
@@ -186,6 +199,11 @@ pub fn desired_state(inputs: &Inputs<'_>) -> Desired {
             audience: inputs.settings.audience.clone(),
             token_ttl: inputs.settings.token_ttl.as_secs(),
             token_max_ttl: inputs.settings.token_max_ttl.as_secs(),
+            token_explicit_max_ttl: 0,
+            token_period: 0,
+            token_num_uses: 0,
+            token_bound_cidrs: Vec::new(),
+            token_type: "default".into(),
             token_no_default_policy: true,
             token_policies: vec![name.clone()],
         };
@@ -217,6 +235,66 @@ pub fn desired_state(inputs: &Inputs<'_>) -> Desired {
         );
     }
     desired
+}
+
+/// The bindings ConfigMap an account should have: its content, the
+/// controller's labels, and an owner reference to each effective binding.
+pub fn desired_configmap(account: &Account) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
+    use credbroker_crds::keys::{BINDINGS_CONFIGMAP_KEY, MANAGED_BY, SERVICE_ACCOUNT_LABEL};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    let json = serde_json::to_string_pretty(&account.sidecar).ok()?;
+    let sa: String = account.key.service_account.chars().take(63).collect();
+    let labels: BTreeMap<String, String> = [
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
+        (
+            SERVICE_ACCOUNT_LABEL.to_owned(),
+            sa.trim_end_matches(['-', '.', '_']).to_owned(),
+        ),
+    ]
+    .into();
+    let owners = account
+        .owners
+        .iter()
+        .map(|(name, uid)| OwnerReference {
+            api_version: format!("{}/{}", credbroker_crds::GROUP, credbroker_crds::VERSION),
+            kind: "CredentialBinding".into(),
+            name: name.clone(),
+            uid: uid.clone(),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        })
+        .collect();
+    Some(k8s_openapi::api::core::v1::ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(account.configmap_name.clone()),
+            namespace: Some(account.key.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(owners),
+            ..Default::default()
+        },
+        data: Some([(BINDINGS_CONFIGMAP_KEY.to_owned(), json)].into()),
+        ..Default::default()
+    })
+}
+
+/// Whether `current` already says what `desired` says (data, the
+/// controller's labels, owners), so no write is needed.
+pub fn configmap_is_current(
+    current: &k8s_openapi::api::core::v1::ConfigMap,
+    desired: &k8s_openapi::api::core::v1::ConfigMap,
+) -> bool {
+    let labels = desired
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| current.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
+    current.data == desired.data
+        && labels
+        && current.metadata.owner_references == desired.metadata.owner_references
 }
 
 pub fn key_of(binding: &CredentialBinding) -> BindingKey {
@@ -274,6 +352,7 @@ fn sidecar_binding(
         destinations,
         surfaces: spec.inject.surfaces.clone(),
         refresh_interval: spec.refresh_interval.clone(),
+        placeholder: Some(spec.placeholder.clone()),
     })
 }
 
@@ -379,6 +458,8 @@ mod tests {
             serde_json::from_value(serde_json::json!({
                 "namespaceSelector": {}, "allNamespaces": true,
                 "allow": [{ "vault": { "mount": "secret", "pathPrefix": "teams/" },
+                            "destinations": ["api.openai.com"] },
+                          { "vault": { "mount": "kv1", "pathPrefix": "teams/", "kvVersion": 1 },
                             "destinations": ["api.openai.com"] }]
             }))
             .unwrap(),
@@ -400,6 +481,7 @@ mod tests {
     fn one_account_one_policy_with_exactly_the_bound_paths() {
         let mut v1 = binding("agents", "b", "research", "teams/x/b");
         v1.spec.source.vault.kv_version = 1;
+        v1.spec.source.vault.mount = "kv1".into();
         let d = run(
             &[binding("agents", "a", "research", "teams/x/a"), v1],
             &[allow_all()],
@@ -412,7 +494,7 @@ mod tests {
             serde_json::json!({ "path": {
                 "secret/data/teams/x/a": { "capabilities": ["read"] },
                 "secret/metadata/teams/x/a": { "capabilities": ["read"] },
-                "secret/teams/x/b": { "capabilities": ["read"] },
+                "kv1/teams/x/b": { "capabilities": ["read"] },
                 "auth/token/lookup-self": { "capabilities": ["read"] },
                 "auth/token/renew-self": { "capabilities": ["update"] },
                 "auth/token/revoke-self": { "capabilities": ["update"] },

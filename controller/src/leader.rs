@@ -9,6 +9,7 @@
 //! (shorter than the lease duration) steps down before anyone else can
 //! take over.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -17,7 +18,53 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{Error, Result};
+use crate::{Error, Result, VaultError};
+
+/// Whether this replica may write, checked before every write: until when
+/// it is sure it holds the lease. A leader frozen (SIGSTOP, a long GC-like
+/// pause, a partition) wakes up past that instant and refuses to write
+/// before it has even noticed that it lost the lease.
+#[derive(Debug)]
+pub struct Fence {
+    elected: bool,
+    until: Mutex<Option<Instant>>,
+}
+
+impl Fence {
+    /// No leader election: every write is allowed.
+    pub fn unfenced() -> Arc<Self> {
+        Arc::new(Self {
+            elected: false,
+            until: Mutex::new(None),
+        })
+    }
+
+    /// Leader election: no write until the lease is held.
+    pub fn elected() -> Arc<Self> {
+        Arc::new(Self {
+            elected: true,
+            until: Mutex::new(None),
+        })
+    }
+
+    /// `Ok` if this replica may write now.
+    pub fn check(&self, doing: &str) -> Result<(), VaultError> {
+        if !self.elected {
+            return Ok(());
+        }
+        let until = *self.until.lock().unwrap_or_else(|p| p.into_inner());
+        match until {
+            Some(until) if Instant::now() < until => Ok(()),
+            _ => Err(VaultError::NotLeader {
+                doing: doing.to_owned(),
+            }),
+        }
+    }
+
+    fn hold_until(&self, until: Option<Instant>) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    }
+}
 
 /// Where the lease is and how it is held.
 #[derive(Debug, Clone)]
@@ -38,21 +85,29 @@ pub struct LeaseSettings {
 pub struct Elector {
     api: Api<Lease>,
     settings: LeaseSettings,
+    fence: Arc<Fence>,
     /// The last record seen and when this replica first saw it.
     observed: Option<(String, Option<MicroTime>, Instant)>,
 }
 
 impl Elector {
-    pub fn new(client: kube::Client, settings: LeaseSettings) -> Result<Self> {
+    pub fn new(client: kube::Client, settings: LeaseSettings, fence: Arc<Fence>) -> Result<Self> {
         if settings.renew_deadline >= settings.lease_duration {
             return Err(Error::config(
                 "--lease-renew-deadline",
                 "must be shorter than --lease-duration, or two leaders could overlap",
             ));
         }
+        if settings.retry_period.is_zero() || settings.retry_period >= settings.renew_deadline {
+            return Err(Error::config(
+                "--lease-retry-period",
+                "must be more than zero and shorter than --lease-renew-deadline",
+            ));
+        }
         Ok(Self {
             api: Api::namespaced(client, &settings.namespace),
             settings,
+            fence,
             observed: None,
         })
     }
@@ -60,8 +115,11 @@ impl Elector {
     /// Waits until this replica holds the lease. `false` if cancelled first.
     pub async fn acquire(&mut self, cancel: &CancellationToken) -> bool {
         loop {
+            let sent = Instant::now();
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
+                    self.fence
+                        .hold_until(Some(sent + self.settings.renew_deadline));
                     info!(lease = %self.settings.name, identity = %self.settings.identity, "became the leader");
                     return true;
                 }
@@ -85,6 +143,7 @@ impl Elector {
                 _ = cancel.cancelled() => return None,
                 _ = tokio::time::sleep(self.settings.retry_period) => {}
             }
+            let sent = Instant::now();
             let attempt = tokio::time::timeout(
                 self.settings
                     .renew_deadline
@@ -93,12 +152,20 @@ impl Elector {
             )
             .await;
             match attempt {
-                Ok(Ok(true)) => last_renew = Instant::now(),
-                Ok(Ok(false)) => return Some("another replica holds the lease".into()),
+                Ok(Ok(true)) => {
+                    last_renew = sent;
+                    self.fence
+                        .hold_until(Some(sent + self.settings.renew_deadline));
+                }
+                Ok(Ok(false)) => {
+                    self.fence.hold_until(None);
+                    return Some("another replica holds the lease".into());
+                }
                 Ok(Err(e)) => warn!("renewing the leader lease: {e}"),
                 Err(_) => {}
             }
             if last_renew.elapsed() >= self.settings.renew_deadline {
+                self.fence.hold_until(None);
                 return Some(format!(
                     "the lease was not renewed within {:?}",
                     self.settings.renew_deadline
@@ -109,6 +176,7 @@ impl Elector {
 
     /// Gives the lease up, so a standby takes over at once.
     pub async fn release(&mut self) {
+        self.fence.hold_until(None);
         let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
             return;
         };

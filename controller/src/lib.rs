@@ -25,6 +25,34 @@ pub mod status;
 pub mod sweep;
 pub mod vault;
 
+/// What went wrong talking to Vault. `Clone`, so one failure can be told
+/// to every binding it affects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VaultError {
+    /// Vault did not answer (connection, TLS or timeout).
+    #[error("Vault unreachable at {addr} while {doing}: {reason}")]
+    Unavailable {
+        addr: String,
+        doing: String,
+        reason: String,
+    },
+    /// Vault answered with an error status. `errors` is Vault's own error
+    /// list, which never holds a secret (the controller never sends or
+    /// reads one).
+    #[error("Vault refused {doing} (HTTP {status}){errors}")]
+    Refused {
+        doing: String,
+        status: u16,
+        errors: String,
+    },
+    /// The controller's own credentials (JWT or secret-id file) cannot be read.
+    #[error("{what}: {reason}")]
+    Credentials { what: String, reason: String },
+    /// This replica no longer holds the leader lease, so it must not write.
+    #[error("not writing {doing}: this replica is not sure it still holds the leader lease")]
+    NotLeader { doing: String },
+}
+
 /// Everything that can go wrong in the controller, naming what it was doing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,22 +63,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// Vault did not answer (connection, TLS or timeout).
-    #[error("Vault unreachable at {addr} while {doing}: {reason}")]
-    VaultUnavailable {
-        addr: String,
-        doing: String,
-        reason: String,
-    },
-    /// Vault answered with an error status. `errors` is Vault's own error
-    /// list, which never holds a secret (the controller never sends or
-    /// reads one).
-    #[error("Vault refused {doing} (HTTP {status}){errors}")]
-    VaultRefused {
-        doing: String,
-        status: u16,
-        errors: String,
-    },
+    #[error(transparent)]
+    Vault(#[from] VaultError),
     /// A setting or a file the controller was given is wrong.
     #[error("{what}: {reason}")]
     Config { what: String, reason: String },
@@ -60,19 +74,33 @@ pub enum Error {
     /// The finalizer could not be added or removed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The watch caches do not hold a full list yet.
+    #[error("the watch caches are still filling")]
+    CachesNotReady,
+    /// The leader lease was lost; the process exits so no two replicas write.
+    #[error("lost the leader lease: {0}")]
+    LeadershipLost(String),
 }
 
 impl Error {
     /// A short, stable reason: a metric label and a condition reason.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 403 => "KubernetesForbidden",
+            Self::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 409 => "KubernetesConflict",
             Self::Kube { .. } => "KubernetesError",
-            Self::VaultUnavailable { .. } => "VaultUnavailable",
-            Self::VaultRefused { status: 403, .. } => "VaultPermissionDenied",
-            Self::VaultRefused { .. } => "VaultError",
+            Self::Vault(e) => e.reason(),
             Self::Config { .. } => "ConfigError",
             Self::Invalid(_) => "Invalid",
             Self::Finalizer(_) => "FinalizerError",
+            Self::CachesNotReady => "CachesNotReady",
+            Self::LeadershipLost(_) => "LeadershipLost",
         }
     }
 
@@ -85,6 +113,18 @@ impl Error {
         Self::Config {
             what: what.into(),
             reason: reason.into(),
+        }
+    }
+}
+
+impl VaultError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unavailable { .. } => "VaultUnavailable",
+            Self::Refused { status: 403, .. } => "VaultPermissionDenied",
+            Self::Refused { .. } => "VaultError",
+            Self::Credentials { .. } => "VaultCredentialsUnreadable",
+            Self::NotLeader { .. } => "NotLeader",
         }
     }
 }

@@ -39,8 +39,14 @@ pub struct Metrics {
     vault_writes: Family<OpLabels, Counter>,
     vault_requests: Family<OpResultLabels, Counter>,
     vault_logins: Family<ResultLabels, Counter>,
-    swept: Family<OpLabels, Counter>,
+    swept: Family<KindLabels, Counter>,
+    sweeps: Family<ResultLabels, Counter>,
     leader: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -79,7 +85,7 @@ impl Metrics {
         let vault_writes = Family::<OpLabels, Counter>::default();
         registry.register(
             "vault_writes",
-            "Writes and deletes sent to Vault, by operation (policy_write, policy_delete, role_write, role_delete)",
+            "Writes and deletes sent to Vault (attempted), by operation (policy_write, policy_delete, role_write, role_delete)",
             vault_writes.clone(),
         );
         let vault_requests = Family::<OpResultLabels, Counter>::default();
@@ -94,11 +100,17 @@ impl Metrics {
             "The controller's own logins to Vault, by result",
             vault_logins.clone(),
         );
-        let swept = Family::<OpLabels, Counter>::default();
+        let swept = Family::<KindLabels, Counter>::default();
         registry.register(
             "swept",
             "Orphaned credbroker-* policies, roles and ConfigMaps the sweep deleted, by kind",
             swept.clone(),
+        );
+        let sweeps = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "sweeps",
+            "Sweeps run, by result (ok, error)",
+            sweeps.clone(),
         );
         let leader = Gauge::default();
         registry.register(
@@ -115,6 +127,7 @@ impl Metrics {
             vault_requests,
             vault_logins,
             swept,
+            sweeps,
             leader,
         }
     }
@@ -134,15 +147,6 @@ impl Metrics {
         self.vault_writes.get_or_create(&OpLabels { op }).inc();
     }
 
-    /// The writes of one operation so far (tests and benchmarks read it
-    /// through `/metrics`; this is for the same figure in-process).
-    pub fn vault_writes_total(&self) -> u64 {
-        ["policy_write", "policy_delete", "role_write", "role_delete"]
-            .iter()
-            .map(|op| self.vault_writes.get_or_create(&OpLabels { op }).get())
-            .sum()
-    }
-
     pub fn vault_request(&self, op: &'static str, result: &'static str) {
         self.vault_requests
             .get_or_create(&OpResultLabels { op, result })
@@ -157,7 +161,12 @@ impl Metrics {
     }
 
     pub fn swept(&self, kind: &'static str) {
-        self.swept.get_or_create(&OpLabels { op: kind }).inc();
+        self.swept.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn sweep_done(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.sweeps.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn set_leader(&self, leader: bool) {

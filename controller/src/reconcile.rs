@@ -5,36 +5,42 @@
 //! read (stores, the namespace, CA ConfigMaps) → validate and build the
 //! desired state ([`crate::desired`], pure) → apply (compare, then write) →
 //! status ([`crate::status`], pure). Writes to one account are serialised,
-//! so two bindings of one service account never race on its policy.
+//! so two bindings of one service account never race on its policy, and
+//! the sweep waits for in-flight applies (and they for it).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use credbroker_crds::keys::{BINDINGS_CONFIGMAP_KEY, MANAGED_BY, SERVICE_ACCOUNT_LABEL};
+use credbroker_crds::keys::bindings_configmap_name;
 use credbroker_crds::{ClusterCredentialPolicy, CredentialBinding};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::desired::{Account, AccountKey, BindingKey, Inputs, Verdict, desired_state, key_of};
+use crate::desired::{
+    Account, AccountKey, BindingKey, Desired, Inputs, Verdict, configmap_is_current,
+    desired_configmap, desired_state, key_of,
+};
+use crate::leader::Fence;
 use crate::metrics::Metrics;
+use crate::names::vault_name;
 use crate::settings::GrantSettings;
-use crate::status::{Findings, SecretState, Sync, ready_of, same_status, status_for};
+use crate::status::{Findings, SecretState, Sync, event_for, same_status, status_for};
 use crate::vault::VaultClient;
-use crate::{Error, Result};
+use crate::{Error, Result, VaultError};
 
 /// The finalizer on every binding the controller has seen.
 pub const FINALIZER: &str = "credbroker.dev/vault-grant";
 /// The field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "credbroker-controller";
-
 /// How long a reconcile that arrives before the caches are full waits.
 const CACHE_WAIT: Duration = Duration::from_millis(500);
 
@@ -51,17 +57,6 @@ pub struct LoopSettings {
     pub max_backoff: Duration,
 }
 
-impl Default for LoopSettings {
-    fn default() -> Self {
-        Self {
-            resync: Duration::from_secs(300),
-            cleanup_timeout: Duration::from_secs(300),
-            min_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(120),
-        }
-    }
-}
-
 /// What every reconcile shares.
 pub struct Context {
     pub client: kube::Client,
@@ -72,8 +67,19 @@ pub struct Context {
     pub recorder: Recorder,
     pub bindings: Store<CredentialBinding>,
     pub policies: Store<ClusterCredentialPolicy>,
+    pub fence: Arc<Fence>,
+    /// Bindings whose verdict another binding's reconcile changed (a
+    /// conflict resolved, a sibling deleted): reconciled next.
+    pub requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CredentialBinding>>,
+    /// Held (shared) by every apply, and (exclusively) by the sweep while
+    /// it decides and deletes.
+    pub(crate) sweep_gate: tokio::sync::RwLock<()>,
     account_locks: Mutex<HashMap<AccountKey, Arc<tokio::sync::Mutex<()>>>>,
     failures: Mutex<HashMap<BindingKey, u32>>,
+    /// Per account, a hash of the grant Vault last confirmed and when, so
+    /// the siblings of one account do not each re-read the same policy and
+    /// role. Drift is still caught within half a resync interval.
+    confirmed: Mutex<HashMap<AccountKey, (u64, Instant)>>,
 }
 
 impl Context {
@@ -87,6 +93,8 @@ impl Context {
         recorder: Recorder,
         bindings: Store<CredentialBinding>,
         policies: Store<ClusterCredentialPolicy>,
+        fence: Arc<Fence>,
+        requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CredentialBinding>>,
     ) -> Self {
         Self {
             client,
@@ -97,8 +105,12 @@ impl Context {
             recorder,
             bindings,
             policies,
+            fence,
+            requeue,
+            sweep_gate: tokio::sync::RwLock::new(()),
             account_locks: Mutex::default(),
             failures: Mutex::default(),
+            confirmed: Mutex::default(),
         }
     }
 
@@ -139,6 +151,29 @@ impl Context {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
     }
+
+    fn is_confirmed(&self, key: &AccountKey, hash: u64) -> bool {
+        let confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        confirmed
+            .get(key)
+            .is_some_and(|(h, at)| *h == hash && at.elapsed() < self.loop_settings.resync / 2)
+    }
+
+    fn confirm(&self, key: &AccountKey, hash: Option<u64>) {
+        let mut confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        match hash {
+            Some(h) => confirmed.insert(key.clone(), (h, Instant::now())),
+            None => confirmed.remove(key),
+        };
+    }
+
+    /// Forgets every confirmation (the sweep deleted something).
+    pub(crate) fn forget_confirmations(&self) {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
 }
 
 /// kube-runtime's entry point for one binding.
@@ -170,8 +205,10 @@ pub fn error_policy(binding: Arc<CredentialBinding>, error: &Error, ctx: Arc<Con
     // A deletion is retried no later than when it would give up, so a
     // long backoff earned before the delete cannot hold the namespace.
     if let Some(deleted) = &binding.metadata.deletion_timestamp {
-        let waited = since(deleted);
-        let left = ctx.loop_settings.cleanup_timeout.saturating_sub(waited);
+        let left = ctx
+            .loop_settings
+            .cleanup_timeout
+            .saturating_sub(since(deleted));
         delay = delay.min(left + Duration::from_millis(200));
     }
     warn!(
@@ -191,22 +228,46 @@ struct Applied {
     policy: Sync,
     role: Sync,
     /// The first Vault error, if any (the account is retried).
-    vault_error: Option<Error>,
+    vault_error: Option<VaultError>,
+    /// Whether Vault was written.
+    wrote: bool,
 }
 
-async fn apply(binding: &CredentialBinding, ctx: &Context) -> Result<Action> {
-    let key = key_of(binding);
+fn account_of(binding: &CredentialBinding) -> AccountKey {
+    AccountKey {
+        namespace: binding.metadata.namespace.clone().unwrap_or_default(),
+        service_account: binding.spec.service_account_name.clone(),
+    }
+}
+
+/// The account the grant was last made for, if it is not the current one
+/// (`spec.serviceAccountName` changed): its grant must lose this binding.
+fn previous_account(binding: &CredentialBinding) -> Option<AccountKey> {
+    let previous = binding.status.as_ref()?.granted_service_account.clone()?;
+    (previous != binding.spec.service_account_name).then(|| AccountKey {
+        namespace: binding.metadata.namespace.clone().unwrap_or_default(),
+        service_account: previous,
+    })
+}
+
+async fn apply(given: &CredentialBinding, ctx: &Context) -> Result<Action> {
+    let key = key_of(given);
     if !ctx.caches_ready() {
         return Ok(Action::requeue(CACHE_WAIT));
     }
-    let account_key = AccountKey {
-        namespace: key.namespace.clone(),
-        service_account: binding.spec.service_account_name.clone(),
-    };
+    let account_key = account_of(given);
+    if let Some(previous) = previous_account(given) {
+        // Moved to another service account: the old one's grant drops it.
+        reapply_account(&previous, Some(&key), ctx).await?;
+    }
     let lock = ctx.account_lock(&account_key);
     let _guard = lock.lock().await;
+    // The store's copy is at least as new as the one handed in, which may
+    // have waited for the lock.
+    let binding = newest(given, ctx);
+    let binding = binding.as_ref();
 
-    let desired = read_and_build(binding, &account_key, ctx, None).await?;
+    let desired = read_and_build(&account_key, ctx, None).await?;
     let verdict = desired
         .verdicts
         .get(&key)
@@ -214,33 +275,48 @@ async fn apply(binding: &CredentialBinding, ctx: &Context) -> Result<Action> {
         .unwrap_or(Verdict::Invalid("the binding was not evaluated".into()));
     let account = desired.accounts.get(&account_key);
     let applied = apply_account(&account_key, account, ctx).await?;
+    requeue_changed_siblings(&desired, &key, ctx);
 
-    let secret = if verdict == Verdict::Effective {
-        secret_state(binding, ctx).await
-    } else {
-        SecretState::Unknown {
+    let effective = verdict == Verdict::Effective;
+    let secret = match &applied.vault_error {
+        // Vault is down: asking it again would only wait out another timeout.
+        Some(e @ VaultError::Unavailable { .. }) => SecretState::Unknown {
+            reason: e.reason(),
+            message: e.to_string(),
+        },
+        _ if effective => secret_state(binding, ctx).await,
+        _ => SecretState::Unknown {
             reason: "NotChecked",
             message: "not checked: the binding is not allowed".into(),
-        }
+        },
     };
     let vault_down = applied.vault_error.is_some()
-        || matches!(
-            secret,
-            SecretState::Unknown {
-                reason: "VaultUnavailable",
-                ..
-            }
-        );
+        || matches!(&secret, SecretState::Unknown { reason, .. } if *reason == "VaultUnavailable");
     let findings = Findings {
         verdict,
         policy: applied.policy,
         role: applied.role,
         secret,
-        vault_policy: account.map(|a| a.vault_name.clone()),
+        vault_policy: account.filter(|_| effective).map(|a| a.vault_name.clone()),
+        service_account: account
+            .filter(|_| effective)
+            .map(|a| a.key.service_account.clone()),
     };
+    if applied.wrote && effective {
+        let name = findings.vault_policy.clone().unwrap_or_default();
+        publish(
+            ctx,
+            binding,
+            EventType::Normal,
+            "VaultGrantUpdated",
+            "Apply",
+            format!("Vault policy and role {name} now grant this service account's bindings"),
+        )
+        .await;
+    }
     write_status(binding, &findings, ctx).await?;
     if let Some(e) = applied.vault_error {
-        return Err(e);
+        return Err(e.into());
     }
     if vault_down {
         return Ok(Action::requeue(ctx.backoff(&key)));
@@ -249,33 +325,103 @@ async fn apply(binding: &CredentialBinding, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(ctx.loop_settings.resync))
 }
 
+/// The store's copy of `given` if it is newer (by resourceVersion, which the
+/// API server only ever moves forward for one object).
+fn newest(given: &CredentialBinding, ctx: &Context) -> Arc<CredentialBinding> {
+    let stored = ctx.bindings.get(&ObjectRef::from_obj(given));
+    match stored {
+        Some(s) if s.metadata.uid == given.metadata.uid && rv(&s) > rv(given) => s,
+        _ => Arc::new(given.clone()),
+    }
+}
+
+fn rv(b: &CredentialBinding) -> u64 {
+    b.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Rebuilds and applies another account's grant (under its lock),
+/// leaving `without` out.
+async fn reapply_account(
+    account: &AccountKey,
+    without: Option<&BindingKey>,
+    ctx: &Context,
+) -> Result<()> {
+    let lock = ctx.account_lock(account);
+    let _guard = lock.lock().await;
+    let desired = read_and_build(account, ctx, without).await?;
+    let applied = apply_account(account, desired.accounts.get(account), ctx).await?;
+    if let Some(without) = without {
+        requeue_changed_siblings(&desired, without, ctx);
+    }
+    match applied.vault_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Asks for a reconcile of every other binding of the account whose
+/// verdict no longer matches what its status says, so a resolved conflict
+/// or a deleted sibling shows at once, not at the next resync.
+fn requeue_changed_siblings(desired: &Desired, this: &BindingKey, ctx: &Context) {
+    for (key, verdict) in &desired.verdicts {
+        if key == this {
+            continue;
+        }
+        let Some(sibling) = ctx
+            .bindings
+            .get(&ObjectRef::new(&key.name).within(&key.namespace))
+        else {
+            continue;
+        };
+        let shown = sibling
+            .status
+            .as_ref()
+            .and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == crate::status::POLICY_ALLOWED)
+            })
+            .map(|c| c.status == "True");
+        if shown != Some(*verdict == Verdict::Effective) {
+            let _ = ctx
+                .requeue
+                .unbounded_send(ObjectRef::from_obj(sibling.as_ref()));
+        }
+    }
+}
+
 /// On deletion: the account's grant without this binding, or none. If
 /// Vault stays away past the cleanup timeout, the finalizer is removed
 /// anyway (a namespace deletion must not hang on Vault) and the sweep
 /// deletes what is left once Vault is back.
 async fn cleanup(binding: &CredentialBinding, ctx: &Context) -> Result<Action> {
     let key = key_of(binding);
-    if !ctx.caches_ready() {
-        return Err(Error::Finalizer(
-            "the watch caches are still filling".into(),
-        ));
+    let waited = binding
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(since)
+        .unwrap_or_default();
+    let result = async {
+        if !ctx.caches_ready() {
+            return Err(Error::CachesNotReady);
+        }
+        reapply_account(&account_of(binding), Some(&key), ctx).await?;
+        if let Some(previous) = previous_account(binding) {
+            reapply_account(&previous, Some(&key), ctx).await?;
+        }
+        Ok(())
     }
-    let account_key = AccountKey {
-        namespace: key.namespace.clone(),
-        service_account: binding.spec.service_account_name.clone(),
-    };
-    let lock = ctx.account_lock(&account_key);
-    let _guard = lock.lock().await;
-    let desired = read_and_build(binding, &account_key, ctx, Some(&key)).await?;
-    let applied = apply_account(&account_key, desired.accounts.get(&account_key), ctx).await?;
-    if let Some(e) = applied.vault_error {
-        let waited = binding
-            .metadata
-            .deletion_timestamp
-            .as_ref()
-            .map(since)
-            .unwrap_or_default();
-        if waited < ctx.loop_settings.cleanup_timeout {
+    .await;
+    match result {
+        Ok(()) => {
+            info!(namespace = %key.namespace, binding = %key.name, "binding deleted; its grant is withdrawn");
+        }
+        Err(e) if waited < ctx.loop_settings.cleanup_timeout => {
             publish(
                 ctx,
                 binding,
@@ -287,54 +433,48 @@ async fn cleanup(binding: &CredentialBinding, ctx: &Context) -> Result<Action> {
             .await;
             return Err(e);
         }
-        let name = crate::names::vault_name(
-            &ctx.grants.cluster_id,
-            &account_key.namespace,
-            &account_key.service_account,
-        );
-        let note = format!(
-            "gave up updating Vault after {waited:?} ({e}); the sweep will update or delete policy and role {name} when Vault is back"
-        );
-        warn!(namespace = %key.namespace, binding = %key.name, "{note}");
-        publish(
-            ctx,
-            binding,
-            EventType::Warning,
-            "CleanupAbandoned",
-            "Cleanup",
-            note,
-        )
-        .await;
-    } else {
-        info!(namespace = %key.namespace, binding = %key.name, "binding deleted; its grant is withdrawn");
+        Err(e) => {
+            let account = account_of(binding);
+            let name = vault_name(
+                &ctx.grants.cluster_id,
+                &account.namespace,
+                &account.service_account,
+            );
+            let note = format!(
+                "gave up updating the grant after {waited:?} ({e}); the sweep will update or delete policy and role {name} later"
+            );
+            warn!(namespace = %key.namespace, binding = %key.name, "{note}");
+            publish(
+                ctx,
+                binding,
+                EventType::Warning,
+                "CleanupAbandoned",
+                "Cleanup",
+                note,
+            )
+            .await;
+        }
     }
     ctx.succeeded(&key);
     Ok(Action::await_change())
 }
 
-/// Reads what the account's grant depends on and builds it. `deleting`
-/// names a binding to leave out (its finalizer is running).
+/// Reads what an account's grant depends on and builds it. `without`
+/// names a binding to leave out (it is being deleted, or moved away).
 async fn read_and_build(
-    binding: &CredentialBinding,
     account: &AccountKey,
     ctx: &Context,
-    deleting: Option<&BindingKey>,
-) -> Result<crate::desired::Desired> {
-    let key = key_of(binding);
-    // The store has every binding; the one being reconciled is taken as
-    // given (it is at least as new as the store's copy).
-    let mut members: Vec<Arc<CredentialBinding>> = ctx.bindings.state_filter(|b| {
+    without: Option<&BindingKey>,
+) -> Result<Desired> {
+    let members: Vec<Arc<CredentialBinding>> = ctx.bindings.state_filter(|b| {
         b.metadata.namespace.as_deref() == Some(account.namespace.as_str())
             && b.spec.service_account_name == account.service_account
-            && key_of(b) != key
+            && Some(&key_of(b)) != without
     });
-    if deleting.is_none() {
-        members.push(Arc::new(binding.clone()));
-    }
     let policies: Vec<ClusterCredentialPolicy> =
         ctx.policies.state().iter().map(|p| (**p).clone()).collect();
     let namespace = Api::<Namespace>::all(ctx.client.clone())
-        .get_opt(&account.namespace)
+        .get_metadata_opt(&account.namespace)
         .await
         .map_err(Error::kube(format!(
             "reading namespace {}",
@@ -395,202 +535,161 @@ async fn apply_account(
     account: Option<&Account>,
     ctx: &Context,
 ) -> Result<Applied> {
+    let _gate = ctx.sweep_gate.read().await;
     let mount = &ctx.grants.auth_mount;
-    let name =
-        crate::names::vault_name(&ctx.grants.cluster_id, &key.namespace, &key.service_account);
-    let configmap_name = credbroker_crds::keys::bindings_configmap_name(&key.service_account);
+    let name = vault_name(&ctx.grants.cluster_id, &key.namespace, &key.service_account);
     let Some(account) = account else {
         // Withdraw: the role first (no new logins), then the policy (tokens
         // already issued lose its paths at once), then the ConfigMap.
+        ctx.confirm(key, None);
         let vault = withdraw(&name, mount, ctx).await;
-        delete_configmap(&key.namespace, &configmap_name, ctx).await?;
+        delete_configmap(
+            &key.namespace,
+            &bindings_configmap_name(&key.service_account),
+            ctx,
+        )
+        .await?;
         return Ok(match vault {
-            Ok(()) => Applied {
+            Ok(wrote) => Applied {
                 policy: Sync::NotGranted,
                 role: Sync::NotGranted,
                 vault_error: None,
+                wrote,
             },
             Err(e) => Applied {
                 policy: failed(&e),
                 role: failed(&e),
                 vault_error: Some(e),
+                wrote: false,
             },
         });
     };
-    // The policy before the role: a role must never name a policy that
-    // grants more than the bindings now say.
-    let policy = sync_policy(account, ctx).await;
-    let role = match &policy {
-        Err(e @ Error::VaultUnavailable { .. }) => Err(e.clone_for_status()),
-        _ => sync_role(account, mount, ctx).await,
+    let hash = grant_hash(account);
+    let (policy, role, wrote) = if ctx.is_confirmed(key, hash) {
+        (Ok(false), Ok(false), false)
+    } else {
+        // The policy before the role, and no role while the policy is
+        // wrong: a role must never hand out a policy that grants more, or
+        // other, than the bindings now say.
+        let policy = sync_policy(account, ctx).await;
+        let role = match &policy {
+            Err(e) => Err(e.clone()),
+            Ok(_) => sync_role(account, mount, ctx).await,
+        };
+        let wrote = matches!(policy, Ok(true)) || matches!(role, Ok(true));
+        (policy, role, wrote)
     };
     apply_configmap(account, ctx).await?;
-    let vault_error = match (&policy, &role) {
-        (Err(e), _) | (_, Err(e)) => Some(e.clone_for_status()),
-        _ => None,
+    let vault_error = policy.as_ref().err().or(role.as_ref().err()).cloned();
+    ctx.confirm(key, vault_error.is_none().then_some(hash));
+    let synced = |r: std::result::Result<bool, VaultError>| {
+        r.map_or_else(|e| failed(&e), |_| Sync::Synced(account.vault_name.clone()))
     };
     Ok(Applied {
-        policy: policy.map_or_else(
-            |e| failed(&e),
-            |()| Sync::Synced(account.vault_name.clone()),
-        ),
-        role: role.map_or_else(
-            |e| failed(&e),
-            |()| Sync::Synced(account.vault_name.clone()),
-        ),
+        policy: synced(policy),
+        role: synced(role),
         vault_error,
+        wrote,
     })
 }
 
-fn failed(e: &Error) -> Sync {
+fn grant_hash(account: &Account) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    account.policy.hash(&mut h);
+    serde_json::to_string(&account.role)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+fn failed(e: &VaultError) -> Sync {
     Sync::Failed {
         reason: e.reason(),
         message: e.to_string(),
     }
 }
 
-impl Error {
-    /// A copy for the status and the retry (kube errors are not `Clone`;
-    /// these are only ever Vault or config errors).
-    fn clone_for_status(&self) -> Error {
-        match self {
-            Error::VaultUnavailable {
-                addr,
-                doing,
-                reason,
-            } => Error::VaultUnavailable {
-                addr: addr.clone(),
-                doing: doing.clone(),
-                reason: reason.clone(),
-            },
-            Error::VaultRefused {
-                doing,
-                status,
-                errors,
-            } => Error::VaultRefused {
-                doing: doing.clone(),
-                status: *status,
-                errors: errors.clone(),
-            },
-            other => Error::config("Vault", other.to_string()),
-        }
-    }
-}
-
-async fn sync_policy(account: &Account, ctx: &Context) -> Result<()> {
+/// Writes the policy if Vault's differs; `true` if it wrote.
+async fn sync_policy(account: &Account, ctx: &Context) -> Result<bool, VaultError> {
     let current = ctx.vault.read_policy(&account.vault_name).await?;
-    if current.as_deref() != Some(account.policy.as_str()) {
-        ctx.vault
-            .write_policy(&account.vault_name, &account.policy)
-            .await?;
-        info!(policy = %account.vault_name, "Vault policy written");
+    if current.as_deref() == Some(account.policy.as_str()) {
+        return Ok(false);
     }
-    Ok(())
+    ctx.vault
+        .write_policy(&account.vault_name, &account.policy)
+        .await?;
+    info!(policy = %account.vault_name, "Vault policy written");
+    Ok(true)
 }
 
-async fn sync_role(account: &Account, mount: &str, ctx: &Context) -> Result<()> {
+/// Writes the role if Vault's differs; `true` if it wrote.
+async fn sync_role(account: &Account, mount: &str, ctx: &Context) -> Result<bool, VaultError> {
     let current = ctx.vault.read_role(mount, &account.vault_name).await?;
-    if current.flatten().as_ref() != Some(&account.role) {
-        ctx.vault
-            .write_role(mount, &account.vault_name, &account.role)
-            .await?;
-        info!(role = %account.vault_name, mount, "Kubernetes-auth role written");
+    if current.flatten().as_ref() == Some(&account.role) {
+        return Ok(false);
     }
-    Ok(())
+    ctx.vault
+        .write_role(mount, &account.vault_name, &account.role)
+        .await?;
+    info!(role = %account.vault_name, mount, "Kubernetes-auth role written");
+    Ok(true)
 }
 
-/// Deletes the role and the policy named `name`, if they exist.
-pub(crate) async fn withdraw(name: &str, mount: &str, ctx: &Context) -> Result<()> {
+/// Deletes the role and the policy named `name`, if they exist; `true` if
+/// it deleted anything.
+pub(crate) async fn withdraw(name: &str, mount: &str, ctx: &Context) -> Result<bool, VaultError> {
+    let mut wrote = false;
     if ctx.vault.read_role(mount, name).await?.is_some() {
         ctx.vault.delete_role(mount, name).await?;
         info!(role = %name, mount, "Kubernetes-auth role deleted");
+        wrote = true;
     }
     if ctx.vault.read_policy(name).await?.is_some() {
         ctx.vault.delete_policy(name).await?;
         info!(policy = %name, "Vault policy deleted");
+        wrote = true;
     }
-    Ok(())
+    Ok(wrote)
 }
 
 async fn apply_configmap(account: &Account, ctx: &Context) -> Result<()> {
     let ns = &account.key.namespace;
+    let name = &account.configmap_name;
+    let desired = desired_configmap(account)
+        .ok_or_else(|| Error::config("the bindings ConfigMap", "could not be encoded"))?;
     let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
-    let json = serde_json::to_string_pretty(&account.sidecar)
-        .map_err(|e| Error::config("the bindings ConfigMap", e.to_string()))?;
-    let labels: BTreeMap<String, String> = [
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            MANAGED_BY.to_owned(),
-        ),
-        (
-            SERVICE_ACCOUNT_LABEL.to_owned(),
-            label_value(&account.key.service_account),
-        ),
-    ]
-    .into();
-    let owners: Vec<OwnerReference> = account
-        .owners
-        .iter()
-        .map(|(name, uid)| OwnerReference {
-            api_version: format!("{}/{}", credbroker_crds::GROUP, credbroker_crds::VERSION),
-            kind: "CredentialBinding".into(),
-            name: name.clone(),
-            uid: uid.clone(),
-            controller: Some(false),
-            block_owner_deletion: Some(false),
-        })
-        .collect();
     let current = api
-        .get_opt(&account.configmap_name)
+        .get_opt(name)
         .await
-        .map_err(Error::kube(format!(
-            "reading ConfigMap {ns}/{}",
-            account.configmap_name
-        )))?;
-    if let Some(cm) = &current {
-        let same_data = cm.data.as_ref().and_then(|d| d.get(BINDINGS_CONFIGMAP_KEY)) == Some(&json)
-            && cm.data.as_ref().is_some_and(|d| d.len() == 1);
-        let same_labels = labels.iter().all(|(k, v)| cm.labels().get(k) == Some(v));
-        let same_owners =
-            cm.metadata.owner_references.as_deref().unwrap_or_default() == owners.as_slice();
-        if same_data && same_labels && same_owners {
-            return Ok(());
-        }
+        .map_err(Error::kube(format!("reading ConfigMap {ns}/{name}")))?;
+    if current.is_some_and(|c| configmap_is_current(&c, &desired)) {
+        return Ok(());
     }
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(account.configmap_name.clone()),
-            namespace: Some(ns.clone()),
-            labels: Some(labels),
-            owner_references: Some(owners),
-            ..Default::default()
-        },
-        data: Some([(BINDINGS_CONFIGMAP_KEY.to_owned(), json)].into()),
-        ..Default::default()
-    };
+    ctx.fence.check(&format!("ConfigMap {ns}/{name}"))?;
     api.patch(
-        &account.configmap_name,
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&cm),
+        &Patch::Apply(&desired),
     )
     .await
-    .map_err(Error::kube(format!(
-        "applying ConfigMap {ns}/{}",
-        account.configmap_name
-    )))?;
-    info!(namespace = %ns, configmap = %account.configmap_name, "bindings ConfigMap written");
+    .map_err(Error::kube(format!("applying ConfigMap {ns}/{name}")))?;
+    info!(namespace = %ns, configmap = %name, "bindings ConfigMap written");
     Ok(())
-}
-
-/// A label value: at most 63 characters of the name (the full name is in
-/// the ConfigMap's content).
-fn label_value(name: &str) -> String {
-    let cut: String = name.chars().take(63).collect();
-    cut.trim_end_matches(['-', '.', '_']).to_owned()
 }
 
 pub(crate) async fn delete_configmap(ns: &str, name: &str, ctx: &Context) -> Result<()> {
     let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+    // Read first: a withdrawal of what never existed writes nothing.
+    let exists = api
+        .get_metadata_opt(name)
+        .await
+        .map_err(Error::kube(format!("reading ConfigMap {ns}/{name}")))?
+        .is_some();
+    if !exists {
+        return Ok(());
+    }
+    ctx.fence
+        .check(&format!("deleting ConfigMap {ns}/{name}"))?;
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => {
             info!(namespace = %ns, configmap = %name, "bindings ConfigMap deleted");
@@ -621,6 +720,13 @@ async fn secret_state(binding: &CredentialBinding, ctx: &Context) -> SecretState
             m.current_version
         )),
         Ok(None) => SecretState::NotFound(format!("path {path} not found")),
+        Err(e @ VaultError::Refused { status: 403, .. }) => SecretState::Unknown {
+            reason: e.reason(),
+            message: format!(
+                "the controller may not read {}/metadata/{}: add --kv-mount {} to its --print-vault-policy ({e})",
+                v.mount, v.path, v.mount
+            ),
+        },
         Err(e) => SecretState::Unknown {
             reason: e.reason(),
             message: e.to_string(),
@@ -640,56 +746,43 @@ async fn write_status(
     if previous.is_some_and(|p| same_status(p, &status)) {
         return Ok(());
     }
+    ctx.fence
+        .check(&format!("the status of {}/{}", key.namespace, key.name))?;
+    // A merge patch leaves out what is absent: the fields this status no
+    // longer has are cleared with an explicit null (a withdrawn grant must
+    // not keep showing its policy name or an old secret version).
+    let mut value = serde_json::to_value(&status)
+        .map_err(|e| Error::config("the binding status", e.to_string()))?;
+    if let Some(fields) = value.as_object_mut() {
+        for field in [
+            "observedGeneration",
+            "secretVersion",
+            "vaultPolicy",
+            "vaultRole",
+            "grantedServiceAccount",
+        ] {
+            fields.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
     let api = Api::<CredentialBinding>::namespaced(ctx.client.clone(), &key.namespace);
-    let patch = serde_json::json!({ "status": status });
+    let patch = serde_json::json!({ "status": value });
     api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(Error::kube(format!(
             "writing the status of CredentialBinding {}/{}",
             key.namespace, key.name
         )))?;
-    let before = ready_of(previous);
-    let after = ready_of(Some(&status));
-    if before != after {
-        let ready = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == crate::status::READY);
-        if let Some(c) = ready {
-            let type_ = if c.status == "True" {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            };
-            publish(
-                ctx,
-                binding,
-                type_,
-                &c.reason,
-                "Reconcile",
-                c.message.clone(),
-            )
-            .await;
-        }
-    } else if let Some(c) = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == crate::status::READY && c.status != "True")
-    {
-        // A different error under the same reason is an event too.
-        publish(
-            ctx,
-            binding,
-            EventType::Warning,
-            &c.reason,
-            "Reconcile",
-            c.message.clone(),
-        )
-        .await;
+    if let Some((ready, reason, message)) = event_for(previous, &status) {
+        let type_ = if ready {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        publish(ctx, binding, type_, &reason, "Reconcile", message).await;
     }
     info!(
         namespace = %key.namespace, binding = %key.name,
-        ready = ?after.as_ref().map(|r| r.0.as_str()), reason = ?after.as_ref().map(|r| r.1.as_str()),
+        ready = ?crate::status::ready_of(Some(&status)).map(|r| r.0),
         "status updated"
     );
     Ok(())

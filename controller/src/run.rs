@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Health};
-use crate::leader::{Elector, LeaseSettings};
+use crate::leader::{Elector, Fence, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, LoopSettings, error_policy, reconcile};
 use crate::settings::GrantSettings;
@@ -78,10 +78,13 @@ pub struct Args {
     /// The Vault role the controller logs in with (Kubernetes auth).
     #[arg(long)]
     pub vault_role: Option<String>,
-    /// The controller's own ServiceAccount token (Kubernetes auth).
+    /// The controller's own ServiceAccount token (Kubernetes auth), re-read
+    /// at every login: a projected token whose audience is the one its
+    /// Vault role requires (e.g. `vault`), not the API server's, so Vault
+    /// never holds a token the API server would accept.
     #[arg(
         long,
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = "/var/run/secrets/credbroker-controller/vault-token"
     )]
     pub vault_jwt_file: PathBuf,
     /// The AppRole role id.
@@ -140,21 +143,28 @@ pub struct Args {
     /// Elect a leader, so that only one replica writes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
+    /// The Lease object the replicas compete for.
     #[arg(long, default_value = "credbroker-controller")]
     pub lease_name: String,
     /// The lease's namespace (default: this pod's, from POD_NAMESPACE).
     #[arg(long, env = "POD_NAMESPACE", default_value = "credbroker-system")]
     pub lease_namespace: String,
-    /// This replica's identity in the lease (default: POD_NAME, else host name and pid).
+    /// This replica's identity in the lease (default: POD_NAME, else host
+    /// name, pid and a random suffix).
     #[arg(long, env = "POD_NAME")]
     pub lease_identity: Option<String>,
+    /// How long a silent leader keeps the lease: a standby takes over this
+    /// long after the leader's last renewal.
     #[arg(long, default_value = "15s", value_parser = duration)]
     pub lease_duration: Duration,
+    /// A leader that has not renewed for this long stops writing and exits.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub lease_renew_deadline: Duration,
+    /// How often the leader renews and a standby tries to take over.
     #[arg(long, default_value = "2s", value_parser = duration)]
     pub lease_retry_period: Duration,
 
+    /// Log lines as `text` or `json`; `RUST_LOG` filters (default info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
@@ -279,6 +289,18 @@ fn validate_args(args: &Args) -> Result<()> {
             ));
         }
     }
+    for (flag, value) in [
+        ("--resync-interval", args.resync_interval),
+        ("--sweep-interval", args.sweep_interval),
+        ("--vault-timeout", args.vault_timeout),
+    ] {
+        if value < Duration::from_secs(1) {
+            return Err(Error::config(flag, "must be at least 1s"));
+        }
+    }
+    if args.concurrency == 0 {
+        return Err(Error::config("--concurrency", "must be at least 1"));
+    }
     if args.broker_audience.is_empty() {
         return Err(Error::config("--broker-audience", "must not be empty"));
     }
@@ -327,9 +349,27 @@ pub async fn run(args: Args) -> Result<()> {
         shutdown.clone(),
     ));
 
-    let vault = Arc::new(VaultClient::new(vault_settings(&args)?, metrics.clone())?);
-    vault.login().await?;
-    info!(addr = %vault.addr(), "logged in to Vault");
+    let fence = if args.leader_elect {
+        Fence::elected()
+    } else {
+        Fence::unfenced()
+    };
+    let vault = Arc::new(VaultClient::new(
+        vault_settings(&args)?,
+        fence.clone(),
+        metrics.clone(),
+    )?);
+    // A bad setup fails now, with the reason; Vault being away does not:
+    // the controller starts, and every binding reports VaultUnavailable
+    // until it is back (so deletions can still give up in bounded time).
+    match vault.login().await {
+        Ok(()) => info!(addr = %vault.addr(), "logged in to Vault"),
+        Err(e @ crate::VaultError::Credentials { .. }) => return Err(e.into()),
+        Err(e) => warn!(
+            reason = e.reason(),
+            "Vault login failed; retrying as bindings reconcile: {e}"
+        ),
+    }
 
     let client = kube::Client::try_default().await.map_err(|e| {
         Error::config(
@@ -339,7 +379,11 @@ pub async fn run(args: Args) -> Result<()> {
     })?;
     let identity = args.lease_identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        format!("{}-{}-{nanos:08x}", host.trim(), std::process::id())
     });
     health.set_ready(true);
 
@@ -355,6 +399,7 @@ pub async fn run(args: Args) -> Result<()> {
                 renew_deadline: args.lease_renew_deadline,
                 retry_period: args.lease_retry_period,
             },
+            fence.clone(),
         )?;
         info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting to become the leader");
         if !e.acquire(&shutdown).await {
@@ -366,45 +411,49 @@ pub async fn run(args: Args) -> Result<()> {
     metrics.set_leader(true);
 
     let work = CancellationToken::new();
-    let controller = tokio::spawn(run_controller(
+    let mut controller = tokio::spawn(run_controller(
         client.clone(),
         vault.clone(),
         &args,
         metrics.clone(),
         identity,
+        fence,
         work.clone(),
     )?);
-    let outcome = match elector.as_mut() {
-        Some(e) => {
-            tokio::select! {
-                lost = e.hold(&shutdown) => lost,
-                _ = shutdown.cancelled() => None,
+    let lost = tokio::select! {
+        lost = async {
+            match elector.as_mut() {
+                Some(e) => e.hold(&shutdown).await,
+                None => { shutdown.cancelled().await; None }
             }
-        }
-        None => {
-            shutdown.cancelled().await;
-            None
-        }
+        } => lost,
+        _ = &mut controller => Some("the controller loop ended on its own".to_owned()),
     };
-    work.cancel();
     metrics.set_leader(false);
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
-    if let Some(e) = elector.as_mut()
-        && outcome.is_none()
-    {
+    if let Some(reason) = lost {
+        // No drain: in-flight writes of a replica that may no longer lead
+        // are cut off now (the fence refuses the rest). The writes are
+        // idempotent, so the next leader finishes whatever this left.
+        controller.abort();
+        error!("lost the leader lease ({reason}); exiting so that no two replicas write");
+        return Err(Error::LeadershipLost(reason));
+    }
+    // SIGTERM: let running reconciles finish while the lease surely holds,
+    // then release it, so a standby takes over at once.
+    work.cancel();
+    let drain = args
+        .lease_duration
+        .saturating_sub(args.lease_renew_deadline)
+        .max(Duration::from_secs(1));
+    if tokio::time::timeout(drain, &mut controller).await.is_err() {
+        controller.abort();
+    }
+    if let Some(e) = elector.as_mut() {
         e.release().await;
     }
     vault.revoke().await;
-    match outcome {
-        Some(reason) => Err(Error::config(
-            "leadership",
-            format!("lost: {reason}; exiting so no two replicas write"),
-        )),
-        None => {
-            info!("stopped");
-            Ok(())
-        }
-    }
+    info!("stopped");
+    Ok(())
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
@@ -433,6 +482,7 @@ fn run_controller(
     args: &Args,
     metrics: Arc<Metrics>,
     identity: String,
+    fence: Arc<Fence>,
     work: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let grants = GrantSettings {
@@ -445,7 +495,8 @@ fn run_controller(
     let loop_settings = LoopSettings {
         resync: args.resync_interval,
         cleanup_timeout: args.cleanup_timeout,
-        ..LoopSettings::default()
+        min_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(60),
     };
     let sweep_interval = args.sweep_interval;
     let concurrency = args.concurrency;
@@ -462,16 +513,21 @@ fn run_controller(
             ),
         )
         .default_backoff()
-        .touched_objects()
         .filter_map(|event| async move {
             match event {
-                Ok(_) => Some(()),
+                // A relist (InitDone) counts too: a policy deleted while the
+                // watch was down shows up only as its absence.
+                Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                ) => Some(()),
+                Ok(_) => None,
                 Err(e) => {
                     warn!("watching ClusterCredentialPolicies: {e}");
                     None
                 }
             }
         });
+        let (requeue, requeued) = futures::channel::mpsc::unbounded();
         let controller = Controller::new(bindings, watcher::Config::default())
             .owns(
                 configmaps,
@@ -502,6 +558,7 @@ fn run_controller(
             // Any policy change re-evaluates every binding; compare-before-
             // write keeps that cheap.
             .reconcile_all_on(policy_events)
+            .reconcile_on(requeued)
             .graceful_shutdown_on({
                 let work = work.clone();
                 async move { work.cancelled().await }
@@ -522,28 +579,33 @@ fn run_controller(
             recorder,
             store.clone(),
             policies.clone(),
+            fence,
+            requeue,
         ));
-        let sweeper = {
-            let ctx = ctx.clone();
-            let work = work.clone();
-            tokio::spawn(async move {
-                loop {
-                    match crate::sweep::sweep(&ctx).await {
-                        Ok(swept) if swept != Default::default() => info!(?swept, "sweep done"),
-                        Ok(_) => {}
-                        Err(e) => warn!(reason = e.reason(), "sweep failed: {e}"),
+        // Not a task of its own: aborting the controller stops it too.
+        let sweeper = async {
+            loop {
+                match crate::sweep::sweep(&ctx).await {
+                    Ok(swept) => {
+                        ctx.metrics.sweep_done(true);
+                        if swept != Default::default() {
+                            info!(?swept, "sweep done");
+                        }
                     }
-                    tokio::select! {
-                        _ = work.cancelled() => return,
-                        _ = tokio::time::sleep(sweep_interval) => {}
+                    Err(e) => {
+                        ctx.metrics.sweep_done(false);
+                        warn!(reason = e.reason(), "sweep failed: {e}");
                     }
                 }
-            })
+                tokio::select! {
+                    _ = work.cancelled() => return,
+                    _ = tokio::time::sleep(sweep_interval) => {}
+                }
+            }
         };
-        controller
-            .run(reconcile, error_policy, ctx)
-            .for_each(|_| async {})
-            .await;
-        sweeper.abort();
+        let controller = controller
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|_| async {});
+        futures::future::join(controller, sweeper).await;
     })
 }

@@ -45,7 +45,10 @@ pub struct Findings {
     pub policy: Sync,
     pub role: Sync,
     pub secret: SecretState,
+    /// The grant's Vault policy and role name, when the binding is effective.
     pub vault_policy: Option<String>,
+    /// The service account the grant is for, when the binding is effective.
+    pub service_account: Option<String>,
 }
 
 struct Cond {
@@ -129,6 +132,7 @@ pub fn status_for(
         },
         vault_policy: findings.vault_policy.clone(),
         vault_role: findings.vault_policy.clone(),
+        granted_service_account: findings.service_account.clone(),
     }
 }
 
@@ -193,13 +197,29 @@ pub fn same_status(a: &CredentialBindingStatus, b: &CredentialBindingStatus) -> 
     strip(a) == strip(b)
 }
 
-/// The Ready condition's (status, reason), for events on change.
-pub fn ready_of(status: Option<&CredentialBindingStatus>) -> Option<(String, String)> {
+/// The Ready condition's (status, reason, message).
+pub fn ready_of(status: Option<&CredentialBindingStatus>) -> Option<(String, String, String)> {
     status?
         .conditions
         .iter()
         .find(|c| c.type_ == READY)
-        .map(|c| (c.status.clone(), c.reason.clone()))
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The Event a status change deserves, as (ready, reason, message): one
+/// when Ready changes, and one when it stays False with a new message (a
+/// different problem). Nothing when only other fields moved.
+pub fn event_for(
+    previous: Option<&CredentialBindingStatus>,
+    new: &CredentialBindingStatus,
+) -> Option<(bool, String, String)> {
+    let (status, reason, message) = ready_of(Some(new))?;
+    let before = ready_of(previous);
+    let changed = match &before {
+        None => true,
+        Some((s, r, m)) => *s != status || *r != reason || (status != "True" && *m != message),
+    };
+    changed.then(|| (status == "True", reason, message))
 }
 
 #[cfg(test)]
@@ -221,6 +241,7 @@ mod tests {
                 path: "secret/teams/x".into(),
             },
             vault_policy: Some("credbroker-x".into()),
+            service_account: Some("agent".into()),
         }
     }
 
@@ -268,5 +289,21 @@ mod tests {
 
         assert!(same_status(&ok, &status_for(&good(), Some(2), None, t(99))));
         assert!(!same_status(&ok, &s));
+
+        // Events: on a change of Ready, or of its message while not Ready.
+        assert_eq!(event_for(None, &ok).map(|e| e.0), Some(true));
+        assert!(event_for(Some(&ok), &ok).is_none());
+        assert_eq!(
+            event_for(Some(&ok), &s).map(|e| e.1),
+            Some("VaultUnavailable".to_owned())
+        );
+        let mut other = down.clone();
+        other.secret = SecretState::Unknown {
+            reason: "VaultUnavailable",
+            message: "Vault unreachable at http://y".into(),
+        };
+        let s2 = status_for(&other, Some(2), Some(&s), t(40));
+        assert!(event_for(Some(&s), &s2).is_some());
+        assert!(event_for(Some(&s2), &s2).is_none());
     }
 }

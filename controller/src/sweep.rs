@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use credbroker_crds::keys::MANAGED_BY;
+use credbroker_crds::keys::{MANAGED_BY, SERVICE_ACCOUNT_LABEL};
 use credbroker_crds::{ClusterCredentialPolicy, CredentialBinding};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::ResourceExt;
@@ -50,7 +50,9 @@ pub async fn sweep(ctx: &Context) -> Result<Swept> {
         .await
         .map_err(Error::kube("listing the controller's ConfigMaps"))?;
 
-    // Only now what should exist.
+    // From here on no apply runs: what should exist is read after every
+    // grant written so far, and nothing is written until the deletes end.
+    let _gate = ctx.sweep_gate.write().await;
     let namespaces = Api::<Namespace>::all(ctx.client.clone())
         .list_metadata(&ListParams::default())
         .await
@@ -89,27 +91,60 @@ pub async fn sweep(ctx: &Context) -> Result<Swept> {
         .map(|a| (a.key.namespace.as_str(), a.configmap_name.as_str()))
         .collect();
 
+    // One failed delete does not stop the others; the first error is
+    // returned after all were tried.
     let mut swept = Swept::default();
+    let mut first_error: Option<Error> = None;
     for role in roles.iter().filter(|r| !wanted.contains(r.as_str())) {
-        ctx.vault.delete_role(mount, role).await?;
-        ctx.metrics.swept("role");
-        info!(role = %role, mount, "swept an orphaned Kubernetes-auth role");
-        swept.roles.push(role.clone());
+        match ctx.vault.delete_role(mount, role).await {
+            Ok(()) => {
+                ctx.metrics.swept("role");
+                info!(role = %role, mount, "swept an orphaned Kubernetes-auth role");
+                swept.roles.push(role.clone());
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.into());
+            }
+        }
     }
     for policy in policies.iter().filter(|p| !wanted.contains(p.as_str())) {
-        ctx.vault.delete_policy(policy).await?;
-        ctx.metrics.swept("policy");
-        info!(policy = %policy, "swept an orphaned Vault policy");
-        swept.policies.push(policy.clone());
+        match ctx.vault.delete_policy(policy).await {
+            Ok(()) => {
+                ctx.metrics.swept("policy");
+                info!(policy = %policy, "swept an orphaned Vault policy");
+                swept.policies.push(policy.clone());
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.into());
+            }
+        }
     }
     for cm in &configmaps.items {
         let ns = cm.namespace().unwrap_or_default();
         let name = cm.name_any();
-        if !wanted_configmaps.contains(&(ns.as_str(), name.as_str())) {
-            delete_configmap(&ns, &name, ctx).await?;
-            ctx.metrics.swept("configmap");
-            swept.configmaps.push(format!("{ns}/{name}"));
+        // Only names the controller gives: a ConfigMap someone else
+        // labelled is not the controller's to delete.
+        let ours = cm
+            .labels()
+            .get(SERVICE_ACCOUNT_LABEL)
+            .is_some_and(|_| name.starts_with(credbroker_crds::keys::NAME_PREFIX));
+        if ours && !wanted_configmaps.contains(&(ns.as_str(), name.as_str())) {
+            match delete_configmap(&ns, &name, ctx).await {
+                Ok(()) => {
+                    ctx.metrics.swept("configmap");
+                    swept.configmaps.push(format!("{ns}/{name}"));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
     }
-    Ok(swept)
+    if swept != Swept::default() {
+        ctx.forget_confirmations();
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(swept),
+    }
 }

@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method};
@@ -16,8 +17,11 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::desired::KubernetesRole;
+use crate::leader::Fence;
 use crate::metrics::Metrics;
-use crate::{Error, Result};
+use crate::{Error, Result, VaultError};
+
+type VaultResult<T> = std::result::Result<T, VaultError>;
 
 /// The largest answer read from Vault: a LIST of every policy of a big
 /// shared Vault fits.
@@ -32,9 +36,12 @@ impl Token {
         Self(Arc::new(Zeroizing::new(value)))
     }
 
-    fn header(&self) -> Result<HeaderValue> {
-        let mut value = HeaderValue::from_str(self.0.trim())
-            .map_err(|_| Error::config("Vault token", "is not a valid header value"))?;
+    fn header(&self) -> VaultResult<HeaderValue> {
+        let mut value =
+            HeaderValue::from_str(self.0.trim()).map_err(|_| VaultError::Credentials {
+                what: "the Vault token".into(),
+                reason: "is not a valid header value".into(),
+            })?;
         value.set_sensitive(true);
         Ok(value)
     }
@@ -91,6 +98,9 @@ pub struct SecretMetadata {
 }
 
 struct Session {
+    /// Counts logins, so a caller whose token was refused replaces it only
+    /// if no one else has already.
+    generation: u64,
     token: Token,
     /// When to log in again: two thirds into the token's TTL. `None` for a
     /// token that does not expire.
@@ -104,11 +114,19 @@ pub struct VaultClient {
     namespace: Option<HeaderValue>,
     auth: VaultAuth,
     session: tokio::sync::Mutex<Option<Session>>,
+    generations: std::sync::atomic::AtomicU64,
+    /// Set by [`VaultClient::revoke`]: no login after it.
+    closed: AtomicBool,
+    /// Writes wait for the leader lease.
+    fence: Arc<Fence>,
+    timeout: Duration,
+    /// Tokens replaced at renewal, revoked once no request can carry them.
+    retired: std::sync::Mutex<Vec<(Instant, Token)>>,
     metrics: Arc<Metrics>,
 }
 
 impl VaultClient {
-    pub fn new(settings: VaultSettings, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(settings: VaultSettings, fence: Arc<Fence>, metrics: Arc<Metrics>) -> Result<Self> {
         let addr = settings.addr.trim_end_matches('/').to_owned();
         let url = reqwest::Url::parse(&addr)
             .map_err(|_| Error::config("--vault-addr", format!("{addr:?} is not a URL")))?;
@@ -148,6 +166,9 @@ impl VaultClient {
             .no_proxy()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
+            // A redirect would carry X-Vault-Token (and a login body) to
+            // whatever host it names: Vault is asked directly, or not at all.
+            .redirect(reqwest::redirect::Policy::none())
             .https_only(!settings.allow_http);
         if let Some(file) = &settings.ca_file {
             let pem = std::fs::read(file).map_err(|e| {
@@ -185,6 +206,11 @@ impl VaultClient {
             namespace,
             auth: settings.auth,
             session: tokio::sync::Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            fence,
+            timeout: settings.timeout,
+            retired: std::sync::Mutex::new(Vec::new()),
             metrics,
         })
     }
@@ -193,68 +219,123 @@ impl VaultClient {
         &self.base
     }
 
-    /// Logs in now (at startup, to fail early with a clear error).
-    pub async fn login(&self) -> Result<()> {
-        self.token(true).await.map(|_| ())
+    /// Logs in now (at startup, to report a bad setup at once).
+    pub async fn login(&self) -> VaultResult<()> {
+        self.token(None).await.map(|_| ())
     }
 
-    /// Revokes the controller's token (not a given `--vault-token`), on shutdown.
+    /// Revokes the controller's token (not a given `--vault-token`), on
+    /// shutdown. No call logs in again after this.
     pub async fn revoke(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         if matches!(self.auth, VaultAuth::Token(_)) {
             return;
         }
+        let retired: Vec<Token> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .map(|(_, t)| t)
+            .collect();
+        for token in retired {
+            let _ = self.revoke_token(&token).await;
+        }
         let session = self.session.lock().await.take();
         if let Some(session) = session {
-            let _ = self
-                .send(
-                    "revoke-self",
-                    Method::POST,
-                    "auth/token/revoke-self",
-                    Some(&session.token),
-                    None,
-                )
-                .await;
+            let _ = self.revoke_token(&session.token).await;
         }
     }
 
-    /// The current token, logging in first if there is none, it is due for
-    /// renewal, or `fresh` asks for a new one.
-    async fn token(&self, fresh: bool) -> Result<Token> {
-        let mut session = self.session.lock().await;
-        if let Some(s) = session.as_ref()
-            && !fresh
-            && s.refresh_at.is_none_or(|at| Instant::now() < at)
-        {
-            return Ok(s.token.clone());
+    /// Revokes the renewed-away tokens whose grace has passed.
+    async fn revoke_retired(&self) {
+        let due: Vec<Token> = {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let (due, keep): (Vec<_>, Vec<_>) = retired.drain(..).partition(|(at, _)| *at <= now);
+            *retired = keep;
+            due.into_iter().map(|(_, t)| t).collect()
+        };
+        for token in due {
+            let _ = self.revoke_token(&token).await;
         }
-        let old = session.take();
+    }
+
+    async fn revoke_token(&self, token: &Token) -> VaultResult<Option<Value>> {
+        self.send(
+            "revoke-self",
+            Method::POST,
+            "auth/token/revoke-self",
+            Some(token),
+            None,
+        )
+        .await
+    }
+
+    /// The current token and its generation. A new login happens when there
+    /// is none, it is due for renewal, or `refused` names the generation a
+    /// caller saw refused and no one has replaced it yet.
+    async fn token(&self, refused: Option<u64>) -> VaultResult<(u64, Token)> {
+        let mut session = self.session.lock().await;
+        if let Some(s) = session.as_ref() {
+            let due = s.refresh_at.is_some_and(|at| Instant::now() >= at);
+            let stale = refused == Some(s.generation);
+            if !due && !stale {
+                return Ok((s.generation, s.token.clone()));
+            }
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(VaultError::Credentials {
+                what: "the Vault session".into(),
+                reason: "closed: the controller is stopping".into(),
+            });
+        }
+        // The old session stays until a new one exists: a failed login
+        // leaves a still-valid token usable.
         let result = self.log_in().await;
         self.metrics.vault_login(result.is_ok());
-        let new = result?;
-        let token = new.token.clone();
-        *session = Some(new);
+        let mut new = result?;
+        new.generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        let answer = (new.generation, new.token.clone());
+        let old = session.replace(new);
         drop(session);
-        // The replaced token is revoked so logins do not pile up leases.
+        // A token replaced because it was due is revoked once every request
+        // that may still carry it has had its deadline; a refused one is
+        // dead already.
         if let Some(old) = old
+            && refused.is_none()
             && !matches!(self.auth, VaultAuth::Token(_))
         {
-            let _ = self
-                .send(
-                    "revoke-self",
-                    Method::POST,
-                    "auth/token/revoke-self",
-                    Some(&old.token),
-                    None,
-                )
-                .await;
+            let due = Instant::now() + self.timeout + Duration::from_secs(1);
+            self.retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((due, old.token));
         }
-        Ok(token)
+        Ok(answer)
     }
 
-    async fn log_in(&self) -> Result<Session> {
+    async fn log_in(&self) -> VaultResult<Session> {
+        #[derive(serde::Serialize)]
+        struct KubernetesLogin<'a> {
+            role: &'a str,
+            jwt: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct AppRoleLogin<'a> {
+            role_id: &'a str,
+            secret_id: &'a str,
+        }
+        let serialize = |r: serde_json::Result<String>| {
+            r.map(Zeroizing::new).map_err(|e| VaultError::Credentials {
+                what: "the login request".into(),
+                reason: e.to_string(),
+            })
+        };
         let (mount, body) = match &self.auth {
             VaultAuth::Token(token) => {
                 return Ok(Session {
+                    generation: 0,
                     token: token.clone(),
                     refresh_at: None,
                 });
@@ -265,9 +346,10 @@ impl VaultClient {
                 jwt_file,
             } => {
                 let jwt = read_secret_file(jwt_file, "--vault-jwt-file")?;
-                let body = Zeroizing::new(
-                    serde_json::json!({ "role": role, "jwt": jwt.0.trim() }).to_string(),
-                );
+                let body = serialize(serde_json::to_string(&KubernetesLogin {
+                    role,
+                    jwt: jwt.0.trim(),
+                }))?;
                 (mount, body)
             }
             VaultAuth::AppRole {
@@ -276,67 +358,79 @@ impl VaultClient {
                 secret_id_file,
             } => {
                 let secret_id = read_secret_file(secret_id_file, "--vault-secret-id-file")?;
-                let body = Zeroizing::new(
-                    serde_json::json!({ "role_id": role_id, "secret_id": secret_id.0.trim() })
-                        .to_string(),
-                );
+                let body = serialize(serde_json::to_string(&AppRoleLogin {
+                    role_id,
+                    secret_id: secret_id.0.trim(),
+                }))?;
                 (mount, body)
             }
         };
         let path = format!("auth/{mount}/login");
         let started = Instant::now();
+        let doing = format!("logging in at {path} ({})", self.auth.method());
         let answer = self
             .send("login", Method::POST, &path, None, Some(body))
             .await?
-            .ok_or_else(|| {
-                refused(
-                    &format!("logging in at {path} ({})", self.auth.method()),
-                    404,
-                    &Value::Null,
-                )
-            })?;
+            .ok_or_else(|| refused(&doing, 404, &Value::Null))?;
         let auth = &answer["auth"];
         let token = auth["client_token"]
             .as_str()
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::VaultRefused {
-                doing: format!("logging in at {path}"),
+            .ok_or_else(|| VaultError::Refused {
+                doing: doing.clone(),
                 status: 200,
                 errors: ": the answer has no auth.client_token".into(),
             })?;
         let ttl = auth["lease_duration"].as_u64().unwrap_or(0);
         Ok(Session {
+            generation: 0,
             token: Token::new(token.to_owned()),
             refresh_at: (ttl > 0).then(|| started + Duration::from_secs(ttl * 2 / 3)),
         })
     }
 
-    /// An authenticated call. A 403 is retried once with a new login (the
-    /// token may have expired or been revoked); a second 403 is the answer.
+    /// An authenticated call. On a 403 the token is checked with
+    /// `lookup-self`: if it still works, the 403 is the answer (the policy
+    /// does not allow the call); if not, the token is replaced (once, by
+    /// whichever caller gets there first) and the call tried again.
     async fn call(
         &self,
         op: &'static str,
         method: Method,
         path: &str,
         body: Option<Zeroizing<String>>,
-    ) -> Result<Option<Value>> {
-        let token = self.token(false).await?;
-        match self
+    ) -> VaultResult<Option<Value>> {
+        self.revoke_retired().await;
+        let (generation, token) = self.token(None).await?;
+        let first = self
             .send(op, method.clone(), path, Some(&token), body.clone())
-            .await
-        {
-            Err(Error::VaultRefused { status: 403, .. })
+            .await;
+        match first {
+            Err(VaultError::Refused { status: 403, .. })
                 if !matches!(self.auth, VaultAuth::Token(_)) =>
             {
-                let token = self.token(true).await?;
+                let alive = self
+                    .send(
+                        "lookup-self",
+                        Method::GET,
+                        "auth/token/lookup-self",
+                        Some(&token),
+                        None,
+                    )
+                    .await;
+                if alive.is_ok() {
+                    return first;
+                }
+                let (_, token) = self.token(Some(generation)).await?;
                 self.send(op, method, path, Some(&token), body).await
             }
             other => other,
         }
     }
 
-    /// One request. `Ok(None)` is a 404; other error statuses are
-    /// [`Error::VaultRefused`] with Vault's error strings.
+    /// One request. `Ok(None)` is a read (GET or LIST) of something absent:
+    /// a 404 with Vault's empty error list. Other error statuses are
+    /// [`VaultError::Refused`] with Vault's error strings.
     async fn send(
         &self,
         op: &'static str,
@@ -344,8 +438,9 @@ impl VaultClient {
         path: &str,
         token: Option<&Token>,
         body: Option<Zeroizing<String>>,
-    ) -> Result<Option<Value>> {
-        let doing = format!("{op} {path}");
+    ) -> VaultResult<Option<Value>> {
+        let doing = format!("{} {path}", verb(&method));
+        let is_read = method == Method::GET || method.as_str() == "LIST";
         let mut request = self
             .http
             .request(method, format!("{}/v1/{path}", self.base));
@@ -374,7 +469,7 @@ impl VaultClient {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
-                        return Err(Error::VaultRefused {
+                        return Err(VaultError::Refused {
                             doing,
                             status,
                             errors: format!(": the answer is over {MAX_ANSWER_BYTES} bytes"),
@@ -387,19 +482,28 @@ impl VaultClient {
             }
         }
         // Never quote the body: only the fields read below leave here.
-        let value: Value = if bytes.is_empty() {
-            Value::Null
+        let parsed: Option<Value> = if bytes.is_empty() {
+            Some(Value::Null)
         } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            serde_json::from_slice(&bytes).ok()
         };
+        let value = parsed.clone().unwrap_or(Value::Null);
         match status {
             200..=299 => Ok(Some(value)),
-            404 if value["errors"].as_array().is_none_or(|e| e.is_empty()) => Ok(None),
+            // Vault's own "nothing here": JSON with no error strings. A 404
+            // from something else in front of Vault is an error, so a
+            // withdrawal never mistakes it for "already gone".
+            404 if is_read
+                && parsed.is_some()
+                && value["errors"].as_array().is_none_or(|e| e.is_empty()) =>
+            {
+                Ok(None)
+            }
             _ => Err(refused(&doing, status, &value)),
         }
     }
 
-    fn unavailable(&self, doing: &str, e: &reqwest::Error) -> Error {
+    fn unavailable(&self, doing: &str, e: &reqwest::Error) -> VaultError {
         let reason = if e.is_timeout() {
             "no answer in time".to_owned()
         } else if e.is_connect() {
@@ -415,7 +519,7 @@ impl VaultClient {
             }
             text
         };
-        Error::VaultUnavailable {
+        VaultError::Unavailable {
             addr: self.base.clone(),
             doing: doing.to_owned(),
             reason,
@@ -425,45 +529,31 @@ impl VaultClient {
     // --- The calls the controller makes. ---
 
     /// The text of ACL policy `name`, if it exists.
-    pub async fn read_policy(&self, name: &str) -> Result<Option<String>> {
-        let answer = self
-            .call(
-                "policy_read",
-                Method::GET,
-                &format!("sys/policies/acl/{name}"),
-                None,
-            )
-            .await?;
+    pub async fn read_policy(&self, name: &str) -> VaultResult<Option<String>> {
+        let path = format!("sys/policies/acl/{name}");
+        let answer = self.call("policy_read", Method::GET, &path, None).await?;
         Ok(answer.and_then(|v| v["data"]["policy"].as_str().map(str::to_owned)))
     }
 
-    pub async fn write_policy(&self, name: &str, policy: &str) -> Result<()> {
-        let body = serde_json::json!({ "policy": policy }).to_string();
-        self.metrics.vault_write("policy_write");
-        self.call(
+    pub async fn write_policy(&self, name: &str, policy: &str) -> VaultResult<()> {
+        let path = format!("sys/policies/acl/{name}");
+        self.write(
             "policy_write",
             Method::PUT,
-            &format!("sys/policies/acl/{name}"),
-            Some(Zeroizing::new(body)),
+            &path,
+            serde_json::json!({ "policy": policy }),
         )
         .await
-        .map(|_| ())
     }
 
-    pub async fn delete_policy(&self, name: &str) -> Result<()> {
-        self.metrics.vault_write("policy_delete");
-        self.call(
-            "policy_delete",
-            Method::DELETE,
-            &format!("sys/policies/acl/{name}"),
-            None,
-        )
-        .await
-        .map(|_| ())
+    pub async fn delete_policy(&self, name: &str) -> VaultResult<()> {
+        let path = format!("sys/policies/acl/{name}");
+        self.write("policy_delete", Method::DELETE, &path, Value::Null)
+            .await
     }
 
     /// Every ACL policy name.
-    pub async fn list_policies(&self) -> Result<Vec<String>> {
+    pub async fn list_policies(&self) -> VaultResult<Vec<String>> {
         let answer = self
             .call("policy_list", list(), "sys/policies/acl", None)
             .await?;
@@ -477,46 +567,35 @@ impl VaultClient {
         &self,
         mount: &str,
         name: &str,
-    ) -> Result<Option<Option<KubernetesRole>>> {
-        let answer = self
-            .call(
-                "role_read",
-                Method::GET,
-                &format!("auth/{mount}/role/{name}"),
-                None,
-            )
-            .await?;
+    ) -> VaultResult<Option<Option<KubernetesRole>>> {
+        let path = format!("auth/{mount}/role/{name}");
+        let answer = self.call("role_read", Method::GET, &path, None).await?;
         Ok(answer.map(|v| serde_json::from_value(v["data"].clone()).ok()))
     }
 
-    pub async fn write_role(&self, mount: &str, name: &str, role: &KubernetesRole) -> Result<()> {
-        let body =
-            serde_json::to_string(role).map_err(|e| Error::config("the role", e.to_string()))?;
-        self.metrics.vault_write("role_write");
-        self.call(
-            "role_write",
-            Method::POST,
-            &format!("auth/{mount}/role/{name}"),
-            Some(Zeroizing::new(body)),
-        )
-        .await
-        .map(|_| ())
+    pub async fn write_role(
+        &self,
+        mount: &str,
+        name: &str,
+        role: &KubernetesRole,
+    ) -> VaultResult<()> {
+        let path = format!("auth/{mount}/role/{name}");
+        let body = serde_json::to_value(role).map_err(|e| VaultError::Refused {
+            doing: format!("encoding role {name}"),
+            status: 0,
+            errors: format!(": {e}"),
+        })?;
+        self.write("role_write", Method::POST, &path, body).await
     }
 
-    pub async fn delete_role(&self, mount: &str, name: &str) -> Result<()> {
-        self.metrics.vault_write("role_delete");
-        self.call(
-            "role_delete",
-            Method::DELETE,
-            &format!("auth/{mount}/role/{name}"),
-            None,
-        )
-        .await
-        .map(|_| ())
+    pub async fn delete_role(&self, mount: &str, name: &str) -> VaultResult<()> {
+        let path = format!("auth/{mount}/role/{name}");
+        self.write("role_delete", Method::DELETE, &path, Value::Null)
+            .await
     }
 
     /// Every role name under the Kubernetes auth mount.
-    pub async fn list_roles(&self, mount: &str) -> Result<Vec<String>> {
+    pub async fn list_roles(&self, mount: &str) -> VaultResult<Vec<String>> {
         let answer = self
             .call("role_list", list(), &format!("auth/{mount}/role"), None)
             .await?;
@@ -524,7 +603,11 @@ impl VaultClient {
     }
 
     /// KV v2 metadata of a secret (never its data), if it exists.
-    pub async fn secret_metadata(&self, mount: &str, path: &str) -> Result<Option<SecretMetadata>> {
+    pub async fn secret_metadata(
+        &self,
+        mount: &str,
+        path: &str,
+    ) -> VaultResult<Option<SecretMetadata>> {
         let answer = self
             .call(
                 "metadata_read",
@@ -533,19 +616,53 @@ impl VaultClient {
                 None,
             )
             .await?;
-        Ok(answer.map(|v| {
-            let data = &v["data"];
-            let current_version = data["current_version"].as_u64().unwrap_or(0);
-            let version = &data["versions"][current_version.to_string()];
-            let deleted = version["deletion_time"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty());
-            let destroyed = version["destroyed"].as_bool().unwrap_or(false);
-            SecretMetadata {
-                current_version,
-                gone: current_version == 0 || deleted || destroyed,
-            }
-        }))
+        Ok(answer.map(|v| metadata_of(&v, k8s_openapi::jiff::Timestamp::now())))
+    }
+
+    /// A write or delete: only while this replica leads, and counted.
+    async fn write(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        body: Value,
+    ) -> VaultResult<()> {
+        self.fence.check(&format!("{} {path}", verb(&method)))?;
+        self.metrics.vault_write(op);
+        let body = (!body.is_null()).then(|| Zeroizing::new(body.to_string()));
+        self.call(op, method, path, body).await.map(|_| ())
+    }
+}
+
+/// What KV v2 metadata says of the current version at `now`. A version
+/// whose `deletion_time` is still ahead (`delete_version_after`) is live,
+/// as the sidecar reads it too.
+fn metadata_of(v: &Value, now: k8s_openapi::jiff::Timestamp) -> SecretMetadata {
+    let data = &v["data"];
+    let current_version = data["current_version"].as_u64().unwrap_or(0);
+    let version = &data["versions"][current_version.to_string()];
+    let deleted = version["deletion_time"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .is_some_and(|t| {
+            // An unreadable time counts as deleted: the safe side.
+            t.parse::<k8s_openapi::jiff::Timestamp>()
+                .ok()
+                .is_none_or(|at| at <= now)
+        });
+    let destroyed = version["destroyed"].as_bool().unwrap_or(false);
+    SecretMetadata {
+        current_version,
+        gone: current_version == 0 || deleted || destroyed,
+    }
+}
+
+fn verb(method: &Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "reading",
+        "LIST" => "listing",
+        "DELETE" => "deleting",
+        _ => "writing",
     }
 }
 
@@ -574,7 +691,7 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// A refusal with Vault's own error strings, each cut short.
-fn refused(doing: &str, status: u16, value: &Value) -> Error {
+fn refused(doing: &str, status: u16, value: &Value) -> VaultError {
     let errors: Vec<String> = value["errors"]
         .as_array()
         .map(|errors| {
@@ -585,7 +702,7 @@ fn refused(doing: &str, status: u16, value: &Value) -> Error {
                 .collect()
         })
         .unwrap_or_default();
-    Error::VaultRefused {
+    VaultError::Refused {
         doing: doing.to_owned(),
         status,
         errors: if errors.is_empty() {
@@ -596,14 +713,41 @@ fn refused(doing: &str, status: u16, value: &Value) -> Error {
     }
 }
 
-fn read_secret_file(path: &std::path::Path, flag: &str) -> Result<Token> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::config(format!("{flag} {}", path.display()), e.to_string()))?;
+fn read_secret_file(path: &std::path::Path, flag: &str) -> VaultResult<Token> {
+    let what = format!("{flag} {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| VaultError::Credentials {
+        what: what.clone(),
+        reason: e.to_string(),
+    })?;
     if text.trim().is_empty() {
-        return Err(Error::config(
-            format!("{flag} {}", path.display()),
-            "is empty",
-        ));
+        return Err(VaultError::Credentials {
+            what,
+            reason: "is empty".into(),
+        });
     }
     Ok(Token::new(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deletion_time_ahead_is_not_a_deletion() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let meta = |time: &str, destroyed: bool| {
+            metadata_of(
+                &serde_json::json!({ "data": { "current_version": 3, "versions": {
+                    "3": { "deletion_time": time, "destroyed": destroyed } } } }),
+                now,
+            )
+        };
+        assert!(!meta("", false).gone);
+        assert!(!meta("2026-06-01T00:00:00Z", false).gone);
+        assert!(meta("2025-06-01T00:00:00Z", false).gone);
+        assert!(meta("garbage", false).gone);
+        assert!(meta("", true).gone);
+        assert_eq!(meta("", false).current_version, 3);
+        assert!(metadata_of(&serde_json::json!({}), now).gone);
+    }
 }

@@ -21,7 +21,11 @@ const WITHIN: Duration = Duration::from_secs(30);
 #[ignore = "needs OpenBao and kube-apiserver (KUBEBUILDER_ASSETS): run make setup"]
 async fn a_binding_is_granted_exactly_what_policy_allows_and_nothing_after() -> TestResult {
     let mut env = Env::start("journey").await?;
-    let ctl = env.controller("ctl-journey", &[]).await?;
+    // No periodic resync: every change below must be picked up from its
+    // own event (a binding, a policy, a sibling).
+    let ctl = env
+        .controller("ctl-journey", &["--resync-interval", "1h"])
+        .await?;
     env.namespace("agents", &[("team", "research")]).await?;
     env.cluster
         .create_service_account("agents", "research")
@@ -328,6 +332,12 @@ async fn a_binding_is_granted_exactly_what_policy_allows_and_nothing_after() -> 
             .contains("Vault path secret/teams/research/moved"),
         "{b:?}"
     );
+    let status = b.status.clone().unwrap_or_default();
+    assert_eq!(
+        (status.vault_policy, status.secret_version),
+        (None, None),
+        "a withdrawn grant still shows"
+    );
     wait_until("the grant to be withdrawn", WITHIN, || async {
         let gone = env.vault_policy(&name).map_err(|e| e.0)?.is_none()
             && env.vault_role(&name).map_err(|e| e.0)?.is_none()
@@ -363,18 +373,111 @@ async fn a_binding_is_granted_exactly_what_policy_allows_and_nothing_after() -> 
     assert_eq!(env.vault_role(&name)?, None);
     assert!(env.configmap("agents", &cm_name).await?.is_none());
 
+    // A binding moved to another service account leaves the old one's
+    // grant at once.
+    env.cluster
+        .create_service_account("agents", "research2")
+        .await?;
+    let mover = secret_value("mover");
+    env.put_secret("teams/research/mover", &mover)?;
+    let spec = |sa: &str| binding_spec(sa, "teams/research/mover", "MOVER", "api.openai.com");
+    env.apply_binding("agents", "mover", spec("research"))
+        .await?;
+    env.wait_condition("agents", "mover", "Ready", "True", WITHIN)
+        .await?;
+    env.apply_binding("agents", "mover", spec("research2"))
+        .await?;
+    let b = env
+        .wait_condition("agents", "mover", "Ready", "True", WITHIN)
+        .await?;
+    let moved_to = env.vault_name("agents", "research2");
+    assert_eq!(
+        b.status.unwrap_or_default().vault_policy.as_deref(),
+        Some(moved_to.as_str())
+    );
+    wait_until("the old account's grant to go", WITHIN, || async {
+        let gone = env.vault_policy(&name).map_err(|e| e.0)?.is_none()
+            && env.vault_role(&name).map_err(|e| e.0)?.is_none()
+            && env
+                .configmap("agents", &cm_name)
+                .await
+                .map_err(|e| e.0)?
+                .is_none();
+        if gone {
+            Ok(())
+        } else {
+            Err("the old grant is still there".to_owned())
+        }
+    })
+    .await?;
+    assert!(env.vault_policy(&moved_to)?.is_some());
+    env.delete_binding("agents", "mover").await?;
+    env.wait_binding_gone("agents", "mover", WITHIN).await?;
+    assert_eq!(env.vault_policy(&moved_to)?, None);
+
+    // Two bindings of one account with one env var: the older wins, and the
+    // other takes over as soon as the first is deleted (no resync runs).
+    let twin = secret_value("twin");
+    env.put_secret("teams/research/twin", &twin)?;
+    env.apply_binding(
+        "agents",
+        "first",
+        binding_spec(
+            "research",
+            "teams/research/openai",
+            "TWIN_KEY",
+            "api.openai.com",
+        ),
+    )
+    .await?;
+    env.wait_condition("agents", "first", "Ready", "True", WITHIN)
+        .await?;
+    env.apply_binding(
+        "agents",
+        "second",
+        binding_spec(
+            "research",
+            "teams/research/twin",
+            "TWIN_KEY",
+            "api.openai.com",
+        ),
+    )
+    .await?;
+    let b = env
+        .wait_condition("agents", "second", "PolicyAllowed", "False", WITHIN)
+        .await?;
+    let ready = ready_condition(&b);
+    assert_eq!(ready.reason, "Conflict", "{ready:?}");
+    assert!(ready.message.contains("binding first"), "{ready:?}");
+    env.delete_binding("agents", "first").await?;
+    env.wait_condition("agents", "second", "Ready", "True", WITHIN)
+        .await?;
+    let policy = env.vault_policy(&name)?.unwrap_or_default();
+    assert!(
+        policy.contains("secret/data/teams/research/twin")
+            && !policy.contains("teams/research/openai"),
+        "{policy}"
+    );
+    env.delete_binding("agents", "second").await?;
+    env.wait_binding_gone("agents", "second", WITHIN).await?;
+
     // Events told the story.
-    let events = env.events_of("agents", "openai").await?;
-    assert!(
-        events
+    wait_until("the events", WITHIN, || async {
+        let events = env.events_of("agents", "openai").await.map_err(|e| e.0)?;
+        let denied = events
             .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "NotAllowed"),
-        "{events:?}"
-    );
-    assert!(
-        events.iter().any(|(t, r, _)| t == "Normal" && r == "Ready"),
-        "{events:?}"
-    );
+            .any(|(t, r, _)| t == "Warning" && r == "NotAllowed");
+        let ready = events.iter().any(|(t, r, _)| t == "Normal" && r == "Ready");
+        let granted = events
+            .iter()
+            .any(|(t, r, _)| t == "Normal" && r == "VaultGrantUpdated");
+        if denied && ready && granted {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    })
+    .await?;
 
     // 15. No secret value anywhere a user can look.
     let text = env.visible_text(&["agents"], &[&ctl]).await?;
@@ -405,8 +508,14 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
     let ctl = env
         .controller("ctl-tenants", &["--resync-interval", "1s"])
         .await?;
-    env.apply_policy("t", policy_spec("t", "teams/t/", &["api.openai.com"]))
-        .await?;
+    let mut t = policy_spec("t", "teams/t/", &["api.openai.com"]);
+    if let Some(allow) = t["allow"].as_array_mut() {
+        allow.push(serde_json::json!({
+            "vault": { "mount": "kv1", "pathPrefix": "teams/t/", "kvVersion": 1 },
+            "destinations": ["api.openai.com"],
+        }));
+    }
+    env.apply_policy("t", t).await?;
     let value = secret_value("tenant");
     env.put_secret("teams/t/key", &value)?;
     for (ns, sa) in [("a-b", "c"), ("a", "b-c")] {
@@ -500,7 +609,79 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
         1
     );
 
-    // 10. Ten resyncs of every binding: no write at all.
+    // KV v1: the grant names the path itself, and SecretFound cannot know.
+    let v1 = secret_value("kv1");
+    env.secrets.push(v1.clone());
+    env.vault.bao(&[
+        "kv",
+        "put",
+        "-mount=kv1",
+        "teams/t/v1key",
+        &format!("api_key={v1}"),
+    ])?;
+    let mut spec = binding_spec("c", "teams/t/v1key", "V1_KEY", "api.openai.com");
+    spec["source"]["vault"]["mount"] = "kv1".into();
+    spec["source"]["vault"]["kvVersion"] = 1.into();
+    env.apply_binding("a-b", "v1", spec).await?;
+    let b = env
+        .wait_condition("a-b", "v1", "Ready", "True", WITHIN)
+        .await?;
+    let found = b
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "SecretFound");
+    assert_eq!(
+        found.map(|c| (c.status, c.reason)),
+        Some(("Unknown".into(), "KvV1".into()))
+    );
+    let policy = env.vault_policy(&one)?.unwrap_or_default();
+    assert!(policy.contains("\"kv1/teams/t/v1key\""), "{policy}");
+    let token = login_ok(&env, "a-b", "c", &one).await?;
+    let read = env.bao_as(
+        &token,
+        &["kv", "get", "-mount=kv1", "-field=api_key", "teams/t/v1key"],
+    );
+    assert!(
+        read.is_ok_and(|v| v.trim() == v1),
+        "the KV v1 secret is not readable"
+    );
+
+    // A hand-made ConfigMap of the controller's kind, backed by nothing, is
+    // swept; one merely labelled like it, with another name, is not.
+    for name in ["credbroker-ghost-0123abcd", "not-ours"] {
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "labels": {
+                    "app.kubernetes.io/managed-by": "credbroker-controller",
+                    "credbroker.dev/service-account": "ghost" } },
+                "data": { "bindings.v1.json": "{}" }
+            }))?;
+        kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client(), "a")
+            .create(&Default::default(), &cm)
+            .await?;
+    }
+    wait_until(
+        "the sweep to delete the orphaned ConfigMap",
+        WITHIN,
+        || async {
+            match env.configmap("a", "credbroker-ghost-0123abcd").await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err("still there".to_owned()),
+                Err(e) => Err(e.0),
+            }
+        },
+    )
+    .await?;
+    assert!(
+        env.configmap("a", "not-ours").await?.is_some(),
+        "a ConfigMap not named by the controller was swept"
+    );
+
+    // 10. Ten resyncs of every binding: no write at all, to Vault or to
+    // the API server.
+    let before = resource_versions(&env).await?;
     let writes = ctl.vault_writes()?;
     let reconciles = ctl.counter("credbroker_controller_reconciles_total", "result=\"ok\"")?;
     wait_until(
@@ -510,7 +691,7 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
             let now = ctl
                 .counter("credbroker_controller_reconciles_total", "result=\"ok\"")
                 .map_err(|e| e.0)?;
-            if now >= reconciles + 20 {
+            if now >= reconciles + 30 {
                 Ok(())
             } else {
                 Err(format!("{} so far", now - reconciles))
@@ -522,6 +703,11 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
         ctl.vault_writes()?,
         writes,
         "a steady-state resync wrote to Vault"
+    );
+    assert_eq!(
+        resource_versions(&env).await?,
+        before,
+        "a steady-state resync wrote a binding or a ConfigMap"
     );
     assert_eq!(
         ctl.counter("credbroker_controller_reconcile_errors_total", "")?,
@@ -610,13 +796,18 @@ async fn missing_secrets_and_vault_outages_are_reported_and_recovered() -> TestR
             .contains(&format!("Vault unreachable at {}", env.vault.addr())),
         "{ready:?}"
     );
-    let events = env.events_of("outage", "missing").await?;
-    assert!(
-        events
+    wait_until("a VaultUnavailable event", WITHIN, || async {
+        let events = env.events_of("outage", "missing").await.map_err(|e| e.0)?;
+        if events
             .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "VaultUnavailable"),
-        "{events:?}"
-    );
+            .any(|(t, r, _)| t == "Warning" && r == "VaultUnavailable")
+        {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    })
+    .await?;
     // A binding created during the outage, and one deleted during it.
     env.apply_binding(
         "outage",
@@ -628,13 +819,25 @@ async fn missing_secrets_and_vault_outages_are_reported_and_recovered() -> TestR
     env.wait_binding_gone("outage", "doomed", Duration::from_secs(60))
         .await?;
     let gave_up = paused.elapsed();
-    let events = env.events_of("outage", "doomed").await?;
-    assert!(
-        events.iter().any(|(_, r, _)| r == "CleanupAbandoned"),
-        "{events:?}"
-    );
+    wait_until("a CleanupAbandoned event", WITHIN, || async {
+        let events = env.events_of("outage", "doomed").await.map_err(|e| e.0)?;
+        if events.iter().any(|(_, r, _)| r == "CleanupAbandoned") {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    })
+    .await?;
     ctl.process.check_running()?;
     assert_eq!(ctl.admin("/healthz")?.0, 200);
+    assert!(
+        ctl.counter(
+            "credbroker_controller_reconcile_errors_total",
+            "reason=\"VaultUnavailable\""
+        )? > 0,
+        "{}",
+        ctl.metrics()?
+    );
     assert!(env.binding("outage", "during").await.is_ok());
 
     // Resumed: everything converges on its own, the abandoned grant too.
@@ -685,10 +888,8 @@ async fn missing_secrets_and_vault_outages_are_reported_and_recovered() -> TestR
 async fn only_the_leader_writes_and_a_standby_takes_over() -> TestResult {
     use k8s_openapi::api::coordination::v1::Lease;
     let mut env = Env::start("leader").await?;
-    // The controller's own Kubernetes-auth identity, set up by the admin.
-    env.cluster
-        .create_service_account(SYSTEM_NS, "credbroker-controller")
-        .await?;
+    // The controller's own Kubernetes-auth identity, set up by the admin
+    // (its ServiceAccount comes from controller/deploy/rbac.yaml).
     env.vault.bao(&[
         "write",
         "auth/kubernetes/role/credbroker-controller",
@@ -780,9 +981,11 @@ async fn only_the_leader_writes_and_a_standby_takes_over() -> TestResult {
     })
     .await?;
     let takeover = killed.elapsed();
-    // Lease duration 6 s, retry period 1 s, and a second of slack.
+    // The lease duration (6 s) after the last renewal (at most one retry
+    // period, 1 s, before the kill), one more retry period for the
+    // standby's next try, and a second of slack for a loaded machine.
     assert!(
-        takeover <= Duration::from_secs(8),
+        takeover <= Duration::from_secs(9),
         "took over after {takeover:?}"
     );
     let two = secret_value("leader-two");
@@ -798,12 +1001,75 @@ async fn only_the_leader_writes_and_a_standby_takes_over() -> TestResult {
     assert!(b.vault_writes()? > 0, "the new leader did not write");
     eprintln!("leader: the standby took over {takeover:?} after the leader was killed");
 
-    let text = env.visible_text(&["lead"], &[&b]).await? + &a.output();
+    // A leader frozen past its lease (SIGSTOP) is replaced; woken up, it
+    // must not write (its fence has lapsed) and it exits.
+    let c = env.controller("ctl-c", &[]).await?;
+    b.process.pause()?;
+    wait_until(
+        "ctl-c to take the lease from the frozen ctl-b",
+        WITHIN,
+        || async {
+            let h = holder(
+                leases
+                    .get("credbroker-controller")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            if h == "ctl-c" { Ok(()) } else { Err(h) }
+        },
+    )
+    .await?;
+    // While ctl-b sleeps, ctl-c withdraws a path; ctl-b's queue still holds
+    // the old state.
+    env.delete_binding("lead", "two").await?;
+    env.wait_binding_gone("lead", "two", WITHIN).await?;
+    let policy_name = env.vault_name("lead", "agent");
+    let without_two = env.vault_policy(&policy_name)?.unwrap_or_default();
+    assert!(!without_two.contains("teams/l/two"), "{without_two}");
+    b.process.resume()?;
+    wait_until("the woken ctl-b to exit", WITHIN, || async {
+        match b.process.check_running() {
+            Err(_) => Ok(()),
+            Ok(()) => Err("still running"),
+        }
+    })
+    .await?;
+    assert!(
+        b.output().contains("lost the leader lease"),
+        "{}",
+        b.output()
+    );
+    assert_eq!(
+        env.vault_policy(&policy_name)?.unwrap_or_default(),
+        without_two,
+        "the woken leader wrote"
+    );
+    env.wait_condition("lead", "one", "Ready", "True", WITHIN)
+        .await?;
+
+    let text = env.visible_text(&["lead"], &[&c]).await? + &a.output() + &b.output();
     env.assert_no_secret_in(
         "the controllers' output, statuses, ConfigMaps, Events or metrics",
         &text,
     )?;
     Ok(())
+}
+
+/// The resourceVersions of the tenants scenario's bindings and ConfigMaps.
+async fn resource_versions(env: &Env) -> TestResult<Vec<Option<String>>> {
+    let mut v = Vec::new();
+    for (ns, name) in [("a-b", "key"), ("a", "key"), ("a-b", "v1")] {
+        v.push(env.binding(ns, name).await?.metadata.resource_version);
+    }
+    for (ns, sa) in [("a-b", "c"), ("a", "b-c")] {
+        let name = credbroker_crds::keys::bindings_configmap_name(sa);
+        v.push(
+            env.configmap(ns, &name)
+                .await?
+                .and_then(|c| c.metadata.resource_version),
+        );
+    }
+    Ok(v)
 }
 
 /// The Ready condition's (reason, message); empty when there is none.
@@ -867,8 +1133,11 @@ async fn sidecar_config(env: &Env, ns: &str, name: &str) -> TestResult<SidecarBi
     Ok(SidecarBindings::from_json(&json)?)
 }
 
+/// The binding ids in a ConfigMap, sorted (the file lists them oldest first).
 fn ids(s: &SidecarBindings) -> Vec<String> {
-    s.bindings.iter().map(|b| b.id.clone()).collect()
+    let mut ids: Vec<String> = s.bindings.iter().map(|b| b.id.clone()).collect();
+    ids.sort();
+    ids
 }
 
 async fn login_ok(env: &Env, ns: &str, sa: &str, role: &str) -> TestResult<String> {

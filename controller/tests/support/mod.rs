@@ -6,13 +6,12 @@
 #![allow(dead_code)]
 
 use std::fmt;
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use credbroker_crds::{ClusterCredentialPolicy, CredentialBinding};
-use credbroker_test_support::apiserver::{Cluster, TestApiServer};
+use credbroker_test_support::apiserver::{Cluster, SERVICE_ACCOUNT_ISSUER, TestApiServer};
 use credbroker_test_support::openbao::OpenBao;
 use credbroker_test_support::process::ChildGuard;
 use credbroker_test_support::{free_port, run, wait_until};
@@ -52,6 +51,8 @@ pub struct Env {
     pub vault: OpenBao,
     pub cluster_id: String,
     controller_token: String,
+    /// A kubeconfig for the controller's own ServiceAccount.
+    kubeconfig: PathBuf,
     dir: tempfile::TempDir,
     /// Every secret value written, for the leak scans.
     pub secrets: Vec<String>,
@@ -79,20 +80,24 @@ impl Env {
             .await?;
         let vault = OpenBao::start().await?;
         vault.mount_kv1("kv1").await?;
+        vault.configure_kubernetes_auth("kubernetes", &server, &reviewer)?;
         let dir = tempfile::tempdir()?;
-        let ca = dir.path().join("k8s-ca.crt");
-        std::fs::write(&ca, server.ca_pem())?;
-        let reviewer_file = dir.path().join("reviewer.jwt");
-        std::fs::write(&reviewer_file, &reviewer)?;
-        vault.bao(&["auth", "enable", "kubernetes"])?;
-        vault.bao(&[
-            "write",
-            "auth/kubernetes/config",
-            &format!("kubernetes_host={}", server.url()),
-            &format!("kubernetes_ca_cert=@{}", ca.display()),
-            &format!("token_reviewer_jwt=@{}", reviewer_file.display()),
-            "disable_local_ca_jwt=true",
-        ])?;
+        // The controller runs as its own ServiceAccount, bound to exactly
+        // the RBAC it documents (controller/deploy/rbac.yaml).
+        let rbac = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml");
+        run(server
+            .kubectl()
+            .args(["apply", "-f", &rbac.display().to_string()]))?;
+        let sa_token = cluster
+            .token(
+                SYSTEM_NS,
+                "credbroker-controller",
+                &[SERVICE_ACCOUNT_ISSUER],
+                Duration::from_secs(3600),
+            )
+            .await?;
+        let kubeconfig = dir.path().join("controller.kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_for(&server, &sa_token))?;
         // The controller runs with exactly the policy it documents.
         let policy = run(Command::new(controller_binary()).args([
             "--print-vault-policy",
@@ -109,6 +114,7 @@ impl Env {
             vault,
             cluster_id: cluster_id.to_owned(),
             controller_token,
+            kubeconfig,
             dir,
             secrets: Vec::new(),
         })
@@ -156,7 +162,7 @@ impl Env {
             "1s",
         ])
         .args(extra)
-        .env("KUBECONFIG", self.server.kubeconfig_path())
+        .env("KUBECONFIG", &self.kubeconfig)
         .env("RUST_LOG", "info")
         .env_remove("VAULT_ADDR")
         .env_remove("CREDBROKER_VAULT_TOKEN");
@@ -425,16 +431,8 @@ impl Env {
 
     /// Fails if any secret value appears in `text`, raw, base64 or hex.
     pub fn assert_no_secret_in(&self, what: &str, text: &str) -> TestResult {
-        use base64::Engine as _;
         for secret in &self.secrets {
-            let b = secret.as_bytes();
-            let forms = [
-                secret.clone(),
-                base64::engine::general_purpose::STANDARD.encode(b),
-                base64::engine::general_purpose::STANDARD_NO_PAD.encode(b),
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b),
-                b.iter().map(|c| format!("{c:02x}")).collect(),
-            ];
+            let forms = credbroker_test_support::encoded_forms(secret);
             if forms.iter().any(|f| text.contains(f.as_str())) {
                 return Err(Failure(format!("a secret value appears in {what}")));
             }
@@ -468,24 +466,8 @@ impl Env {
 
 impl Controller {
     pub fn admin(&self, path: &str) -> TestResult<(u16, String)> {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Failure(format!("no status line: {response:?}")))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))?;
+        Ok(credbroker_test_support::http_get(stream, path)?)
     }
 
     pub fn metrics(&self) -> TestResult<String> {
@@ -510,6 +492,16 @@ impl Controller {
     pub fn output(&self) -> String {
         self.process.output()
     }
+}
+
+/// A kubeconfig that authenticates with `token` (a ServiceAccount's).
+fn kubeconfig_for(server: &TestApiServer, token: &str) -> String {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(server.ca_pem());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: controller\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: controller\ncurrent-context: test\n",
+        server.url()
+    )
 }
 
 pub fn controller_binary() -> PathBuf {
