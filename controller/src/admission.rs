@@ -86,7 +86,16 @@ pub fn admit(
         )));
     }
     // The mount's KV version decides which Vault paths a grant names; only
-    // the admin's word for it counts.
+    // the admin's word for it counts, and only when the admins agree.
+    let mut versions: Vec<u8> = covering.iter().map(|a| a.vault.kv_version).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    if versions.len() > 1 {
+        return Err(Denial(format!(
+            "the ClusterCredentialPolicies covering Vault path {secret} disagree on the KV version of mount {}; no grant until they agree",
+            vault.mount
+        )));
+    }
     let covering: Vec<&Allowance> = covering
         .into_iter()
         .filter(|a| a.vault.kv_version == vault.kv_version)
@@ -272,6 +281,12 @@ mod tests {
         v1.source.vault.kv_version = 1;
         let e = admit("agents", &team, &v1, &p).unwrap_err();
         assert!(e.0.contains("as KV version 1"), "{e:?}");
+        let mut both = p.to_vec();
+        let mut v1_policy = policy(RESEARCH);
+        v1_policy.spec.allow[0].vault.kv_version = 1;
+        both.push(v1_policy);
+        let e = admit("agents", &team, &binding(&openai("api.openai.com")), &both).unwrap_err();
+        assert!(e.0.contains("disagree on the KV version"), "{e:?}");
         let other_mount =
             binding(&openai("api.openai.com").replace(r#""mount":"secret""#, r#""mount":"kv""#));
         assert!(admit("agents", &team, &other_mount, &p).is_err());

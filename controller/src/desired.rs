@@ -596,6 +596,39 @@ mod tests {
     }
 
     #[test]
+    fn the_controllers_own_policy_covers_only_this_clusters_names() {
+        let text = controller_policy("prod", "kubernetes", &["secret".into(), "kv".into()]);
+        let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let prefix = crate::names::cluster_prefix("prod");
+        let paths: BTreeSet<&str> = policy["path"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let expected: BTreeSet<String> = [
+            format!("sys/policies/acl/{prefix}*"),
+            "sys/policies/acl".into(),
+            format!("auth/kubernetes/role/{prefix}*"),
+            "auth/kubernetes/role".into(),
+            "secret/metadata/*".into(),
+            "kv/metadata/*".into(),
+            "auth/token/lookup-self".into(),
+            "auth/token/renew-self".into(),
+            "auth/token/revoke-self".into(),
+        ]
+        .into();
+        assert_eq!(paths, expected.iter().map(String::as_str).collect());
+        // Never data, never another cluster's names, never sudo.
+        assert!(!text.contains("/data/") && !text.contains("sudo"));
+        assert!(!text.contains(&crate::names::cluster_prefix("staging")));
+        assert_eq!(
+            policy["path"]["sys/policies/acl"]["capabilities"],
+            serde_json::json!(["list"])
+        );
+    }
+
+    #[test]
     fn accounts_in_colliding_namespaces_get_distinct_names() {
         let d = run(
             &[

@@ -20,14 +20,17 @@ use tracing::{info, warn};
 
 use crate::{Error, Result, VaultError};
 
-/// Whether this replica may write, checked before every write: until when
-/// it is sure it holds the lease. A leader frozen (SIGSTOP, a long GC-like
-/// pause, a partition) wakes up past that instant and refuses to write
-/// before it has even noticed that it lost the lease.
+/// Whether this replica may write, checked before every write is sent:
+/// until when it is sure it holds the lease. A leader frozen (SIGSTOP, a
+/// partition) wakes up past that instant and refuses to write before it
+/// has even noticed that it lost the lease. A write started in time must
+/// also finish before a standby could take over: [`Fence::remaining`] is
+/// its deadline.
 #[derive(Debug)]
 pub struct Fence {
     elected: bool,
-    until: Mutex<Option<Instant>>,
+    /// (start writes before, finish them before).
+    until: Mutex<Option<(Instant, Instant)>>,
 }
 
 impl Fence {
@@ -47,22 +50,37 @@ impl Fence {
         })
     }
 
-    /// `Ok` if this replica may write now.
-    pub fn check(&self, doing: &str) -> Result<(), VaultError> {
+    /// `Ok(deadline)` if this replica may start a write now: the write must
+    /// be done within `deadline` (`None`: no limit, no election).
+    pub fn check(&self, doing: &str) -> Result<Option<Duration>, VaultError> {
         if !self.elected {
-            return Ok(());
+            return Ok(None);
         }
         let until = *self.until.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
         match until {
-            Some(until) if Instant::now() < until => Ok(()),
+            Some((start_by, finish_by)) if now < start_by => {
+                Ok(Some(finish_by.saturating_duration_since(now)))
+            }
             _ => Err(VaultError::NotLeader {
                 doing: doing.to_owned(),
             }),
         }
     }
 
-    fn hold_until(&self, until: Option<Instant>) {
-        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    /// Held from a renewal sent at `sent`: writes may start until
+    /// `sent + renew_deadline` and must end by `sent + lease_duration`,
+    /// the earliest a standby can take over.
+    fn held_since(&self, sent: Instant, settings: &LeaseSettings) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+            sent + settings.renew_deadline,
+            sent + settings.lease_duration,
+        ));
+    }
+
+    /// No more writes.
+    pub fn close(&self) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -88,6 +106,8 @@ pub struct Elector {
     fence: Arc<Fence>,
     /// The last record seen and when this replica first saw it.
     observed: Option<(String, Option<MicroTime>, Instant)>,
+    /// When the winning request was sent.
+    acquired_at: Option<Instant>,
 }
 
 impl Elector {
@@ -109,6 +129,7 @@ impl Elector {
             settings,
             fence,
             observed: None,
+            acquired_at: None,
         })
     }
 
@@ -116,10 +137,16 @@ impl Elector {
     pub async fn acquire(&mut self, cancel: &CancellationToken) -> bool {
         loop {
             let sent = Instant::now();
-            match self.try_acquire_or_renew().await {
+            let attempt =
+                tokio::time::timeout(self.settings.renew_deadline, self.try_acquire_or_renew());
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                r = attempt => r.unwrap_or_else(|_| Err(Error::config("leader election", "the lease request timed out"))),
+            };
+            match result {
                 Ok(true) => {
-                    self.fence
-                        .hold_until(Some(sent + self.settings.renew_deadline));
+                    self.acquired_at = Some(sent);
+                    self.fence.held_since(sent, &self.settings);
                     info!(lease = %self.settings.name, identity = %self.settings.identity, "became the leader");
                     return true;
                 }
@@ -137,7 +164,7 @@ impl Elector {
     /// replica holds the lease; returns the reason. Returns `None` when
     /// cancelled (the caller then releases the lease).
     pub async fn hold(&mut self, cancel: &CancellationToken) -> Option<String> {
-        let mut last_renew = Instant::now();
+        let mut last_renew = self.acquired_at.unwrap_or_else(Instant::now);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return None,
@@ -154,18 +181,17 @@ impl Elector {
             match attempt {
                 Ok(Ok(true)) => {
                     last_renew = sent;
-                    self.fence
-                        .hold_until(Some(sent + self.settings.renew_deadline));
+                    self.fence.held_since(sent, &self.settings);
                 }
                 Ok(Ok(false)) => {
-                    self.fence.hold_until(None);
+                    self.fence.close();
                     return Some("another replica holds the lease".into());
                 }
                 Ok(Err(e)) => warn!("renewing the leader lease: {e}"),
                 Err(_) => {}
             }
             if last_renew.elapsed() >= self.settings.renew_deadline {
-                self.fence.hold_until(None);
+                self.fence.close();
                 return Some(format!(
                     "the lease was not renewed within {:?}",
                     self.settings.renew_deadline
@@ -176,7 +202,7 @@ impl Elector {
 
     /// Gives the lease up, so a standby takes over at once.
     pub async fn release(&mut self) {
-        self.fence.hold_until(None);
+        self.fence.close();
         let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
             return;
         };
@@ -260,5 +286,41 @@ impl Elector {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(Error::kube(format!("updating lease {name}"))(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(renew: u64, lease: u64) -> LeaseSettings {
+        LeaseSettings {
+            namespace: "ns".into(),
+            name: "lease".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_millis(lease),
+            renew_deadline: Duration::from_millis(renew),
+            retry_period: Duration::from_millis(1),
+        }
+    }
+
+    #[test]
+    fn the_fence_refuses_writes_once_a_renewal_is_too_old() {
+        assert_eq!(Fence::unfenced().check("x"), Ok(None));
+        let fence = Fence::elected();
+        assert!(fence.check("x").is_err(), "no lease yet");
+        fence.held_since(Instant::now(), &settings(60_000, 90_000));
+        let left = fence.check("x").unwrap().unwrap();
+        assert!(left > Duration::from_secs(80) && left <= Duration::from_secs(90));
+        // A renewal sent long ago: its deadline has passed, even though no
+        // one said the lease was lost.
+        let long_ago = Instant::now() - Duration::from_millis(50);
+        fence.held_since(long_ago, &settings(20, 40));
+        assert!(
+            matches!(fence.check("writing x"), Err(VaultError::NotLeader { doing }) if doing == "writing x")
+        );
+        fence.held_since(Instant::now(), &settings(60_000, 90_000));
+        fence.close();
+        assert!(fence.check("x").is_err());
     }
 }

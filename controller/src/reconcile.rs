@@ -330,7 +330,12 @@ async fn apply(given: &CredentialBinding, ctx: &Context) -> Result<Action> {
 fn newest(given: &CredentialBinding, ctx: &Context) -> Arc<CredentialBinding> {
     let stored = ctx.bindings.get(&ObjectRef::from_obj(given));
     match stored {
-        Some(s) if s.metadata.uid == given.metadata.uid && rv(&s) > rv(given) => s,
+        Some(s)
+            if s.metadata.uid == given.metadata.uid
+                && (s.metadata.generation, rv(&s)) > (given.metadata.generation, rv(given)) =>
+        {
+            s
+        }
         _ => Arc::new(given.clone()),
     }
 }
@@ -385,8 +390,8 @@ fn requeue_changed_siblings(desired: &Desired, this: &BindingKey, ctx: &Context)
                     .iter()
                     .find(|c| c.type_ == crate::status::POLICY_ALLOWED)
             })
-            .map(|c| c.status == "True");
-        if shown != Some(*verdict == Verdict::Effective) {
+            .map(|c| c.reason.as_str());
+        if shown != Some(crate::status::verdict_reason(verdict)) {
             let _ = ctx
                 .requeue
                 .unbounded_send(ObjectRef::from_obj(sibling.as_ref()));
@@ -565,7 +570,8 @@ async fn apply_account(
         });
     };
     let hash = grant_hash(account);
-    let (policy, role, wrote) = if ctx.is_confirmed(key, hash) {
+    let confirmed = ctx.is_confirmed(key, hash);
+    let (policy, role, wrote) = if confirmed {
         (Ok(false), Ok(false), false)
     } else {
         // The policy before the role, and no role while the policy is
@@ -581,7 +587,10 @@ async fn apply_account(
     };
     apply_configmap(account, ctx).await?;
     let vault_error = policy.as_ref().err().or(role.as_ref().err()).cloned();
-    ctx.confirm(key, vault_error.is_none().then_some(hash));
+    // Only a real read of Vault confirms: a skip must not extend itself.
+    if !confirmed {
+        ctx.confirm(key, vault_error.is_none().then_some(hash));
+    }
     let synced = |r: std::result::Result<bool, VaultError>| {
         r.map_or_else(|e| failed(&e), |_| Sync::Synced(account.vault_name.clone()))
     };
@@ -665,14 +674,12 @@ async fn apply_configmap(account: &Account, ctx: &Context) -> Result<()> {
     if current.is_some_and(|c| configmap_is_current(&c, &desired)) {
         return Ok(());
     }
-    ctx.fence.check(&format!("ConfigMap {ns}/{name}"))?;
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&desired),
-    )
-    .await
-    .map_err(Error::kube(format!("applying ConfigMap {ns}/{name}")))?;
+    let doing = format!("applying ConfigMap {ns}/{name}");
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(&desired);
+    fenced(ctx, &doing, api.patch(name, &params, &patch))
+        .await?
+        .map_err(Error::kube(doing))?;
     info!(namespace = %ns, configmap = %name, "bindings ConfigMap written");
     Ok(())
 }
@@ -688,9 +695,8 @@ pub(crate) async fn delete_configmap(ns: &str, name: &str, ctx: &Context) -> Res
     if !exists {
         return Ok(());
     }
-    ctx.fence
-        .check(&format!("deleting ConfigMap {ns}/{name}"))?;
-    match api.delete(name, &DeleteParams::default()).await {
+    let doing = format!("deleting ConfigMap {ns}/{name}");
+    match fenced(ctx, &doing, api.delete(name, &DeleteParams::default())).await? {
         Ok(_) => {
             info!(namespace = %ns, configmap = %name, "bindings ConfigMap deleted");
             Ok(())
@@ -746,8 +752,7 @@ async fn write_status(
     if previous.is_some_and(|p| same_status(p, &status)) {
         return Ok(());
     }
-    ctx.fence
-        .check(&format!("the status of {}/{}", key.namespace, key.name))?;
+
     // A merge patch leaves out what is absent: the fields this status no
     // longer has are cleared with an explicit null (a withdrawn grant must
     // not keep showing its policy name or an old secret version).
@@ -766,12 +771,17 @@ async fn write_status(
     }
     let api = Api::<CredentialBinding>::namespaced(ctx.client.clone(), &key.namespace);
     let patch = serde_json::json!({ "status": value });
-    api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(Error::kube(format!(
-            "writing the status of CredentialBinding {}/{}",
-            key.namespace, key.name
-        )))?;
+    let doing = format!(
+        "writing the status of CredentialBinding {}/{}",
+        key.namespace, key.name
+    );
+    fenced(
+        ctx,
+        &doing,
+        api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await?
+    .map_err(Error::kube(doing))?;
     if let Some((ready, reason, message)) = event_for(previous, &status) {
         let type_ = if ready {
             EventType::Normal
@@ -786,6 +796,23 @@ async fn write_status(
         "status updated"
     );
     Ok(())
+}
+
+/// Runs a Kubernetes write only while this replica surely leads, and no
+/// longer than it surely will (kube's client has no deadline of its own).
+async fn fenced<T>(
+    ctx: &Context,
+    doing: &str,
+    write: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    match ctx.fence.check(doing)? {
+        None => Ok(write.await),
+        Some(left) => tokio::time::timeout(left, write).await.map_err(|_| {
+            Error::Vault(VaultError::NotLeader {
+                doing: doing.to_owned(),
+            })
+        }),
+    }
 }
 
 pub(crate) async fn publish(

@@ -411,6 +411,7 @@ pub async fn run(args: Args) -> Result<()> {
     metrics.set_leader(true);
 
     let work = CancellationToken::new();
+    let fence_for_shutdown = fence.clone();
     let mut controller = tokio::spawn(run_controller(
         client.clone(),
         vault.clone(),
@@ -436,6 +437,7 @@ pub async fn run(args: Args) -> Result<()> {
         // idempotent, so the next leader finishes whatever this left.
         controller.abort();
         error!("lost the leader lease ({reason}); exiting so that no two replicas write");
+        vault.revoke().await;
         return Err(Error::LeadershipLost(reason));
     }
     // SIGTERM: let running reconciles finish while the lease surely holds,
@@ -445,10 +447,14 @@ pub async fn run(args: Args) -> Result<()> {
         .lease_duration
         .saturating_sub(args.lease_renew_deadline)
         .max(Duration::from_secs(1));
-    if tokio::time::timeout(drain, &mut controller).await.is_err() {
+    let drained = tokio::time::timeout(drain, &mut controller).await.is_ok();
+    if !drained {
+        // Requests already sent may still land: close the fence and let the
+        // lease run out rather than hand it over while they might.
+        fence_for_shutdown.close();
         controller.abort();
-    }
-    if let Some(e) = elector.as_mut() {
+        warn!("reconciles still running at shutdown were cut off; the lease is left to expire");
+    } else if let Some(e) = elector.as_mut() {
         e.release().await;
     }
     vault.revoke().await;
@@ -582,6 +588,36 @@ fn run_controller(
             fence,
             requeue,
         ));
+        // A cache that never fills (RBAC, a missing CRD) would leave every
+        // reconcile waiting in silence: say so, every 30 s, until it fills.
+        let watchdog = {
+            let (store, policies) = (store.clone(), policies.clone());
+            let work = work.clone();
+            async move {
+                use futures::FutureExt as _;
+                let started = std::time::Instant::now();
+                let mut warned = Duration::ZERO;
+                loop {
+                    let ready = |s: Option<Result<(), _>>| matches!(s, Some(Ok(())));
+                    if ready(store.wait_until_ready().now_or_never())
+                        && ready(policies.wait_until_ready().now_or_never())
+                    {
+                        info!("watch caches filled; reconciling");
+                        return;
+                    }
+                    if started.elapsed() >= warned + Duration::from_secs(30) {
+                        warned = started.elapsed();
+                        if warned >= Duration::from_secs(30) {
+                            warn!(waited = ?warned, "the CredentialBinding or ClusterCredentialPolicy watch has not listed yet: check the CRDs and the controller's RBAC");
+                        }
+                    }
+                    tokio::select! {
+                        _ = work.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
         // Not a task of its own: aborting the controller stops it too.
         let sweeper = async {
             loop {
@@ -606,6 +642,56 @@ fn run_controller(
         let controller = controller
             .run(reconcile, error_policy, ctx.clone())
             .for_each(|_| async {});
-        futures::future::join(controller, sweeper).await;
+        futures::future::join3(controller, sweeper, watchdog).await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn args(extra: &[&str]) -> Result<Args, String> {
+        let base = [
+            "credbroker-controller",
+            "--cluster-id",
+            "prod",
+            "--vault-addr",
+            "https://vault:8200",
+        ];
+        Args::try_parse_from(base.iter().chain(extra)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bad_flags_are_refused_naming_the_flag() {
+        assert!(validate_args(&args(&[]).unwrap()).is_ok());
+        for (extra, flag) in [
+            (&["--cluster-id", "has space"][..], "--cluster-id"),
+            (
+                &["--token-ttl", "2h", "--token-max-ttl", "1h"][..],
+                "--token-max-ttl",
+            ),
+            (
+                &["--kubernetes-auth-mount", "a/../b c"][..],
+                "--kubernetes-auth-mount",
+            ),
+            (&["--resync-interval", "0s"][..], "--resync-interval"),
+            (&["--concurrency", "0"][..], "--concurrency"),
+            (&["--broker-audience", ""][..], "--broker-audience"),
+        ] {
+            let e = validate_args(&args(extra).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(flag), "{extra:?}: {e}");
+        }
+        // A later flag wins over an earlier one (tests and wrappers rely on it).
+        let a = args(&["--resync-interval", "1s", "--resync-interval", "2s"]).unwrap();
+        assert_eq!(a.resync_interval, Duration::from_secs(2));
+        // Kubernetes auth needs a role; the error says which flag.
+        let e = vault_settings(&args(&[]).unwrap())
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.starts_with("--vault-role")));
+        assert!(args(&["--vault-timeout", "soon"]).is_err());
+    }
 }

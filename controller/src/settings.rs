@@ -1,5 +1,5 @@
 //! What the controller grants with: the knobs that shape every generated
-//! policy and role. Parsed from flags in `main.rs`; plain data here so the
+//! policy and role. Parsed from flags in `run.rs`; plain data here so the
 //! pure modules and their tests take it directly.
 
 use std::time::Duration;
@@ -21,8 +21,9 @@ pub struct GrantSettings {
 }
 
 impl GrantSettings {
-    /// Defaults for tests and for `--help`: cluster `default`, mount
-    /// `kubernetes`, audience `credbroker`, 10 minutes, 1 hour.
+    /// The flags' defaults (mount `kubernetes`, audience `credbroker`, TTL
+    /// 10 minutes, max TTL 1 hour) for `cluster_id`: what the pure modules'
+    /// tests grant with.
     pub fn new(cluster_id: impl Into<String>) -> Self {
         Self {
             cluster_id: cluster_id.into(),

@@ -12,6 +12,18 @@ pub const VAULT_POLICY_SYNCED: &str = "VaultPolicySynced";
 pub const VAULT_ROLE_SYNCED: &str = "VaultRoleSynced";
 pub const SECRET_FOUND: &str = "SecretFound";
 
+/// The `PolicyAllowed` reason a verdict shows.
+pub fn verdict_reason(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Effective => "Allowed",
+        Verdict::Denied(_) => "NotAllowed",
+        Verdict::Invalid(_) => "Invalid",
+        Verdict::Conflict(_) => "Conflict",
+        Verdict::CaUnavailable(_) => "CaConfigMapUnavailable",
+        Verdict::Deleting => "Deleting",
+    }
+}
+
 /// How one Vault object's sync went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sync {
@@ -66,19 +78,20 @@ pub fn status_for(
     previous: Option<&CredentialBindingStatus>,
     now: Time,
 ) -> CredentialBindingStatus {
+    let reason = verdict_reason(&findings.verdict);
     let allowed = match &findings.verdict {
         Verdict::Effective => Cond::yes(
             POLICY_ALLOWED,
-            "Allowed",
+            reason,
             "a ClusterCredentialPolicy allows this binding",
         ),
-        Verdict::Denied(d) => Cond::no(POLICY_ALLOWED, "NotAllowed", d.0.clone()),
-        Verdict::Invalid(m) => Cond::no(POLICY_ALLOWED, "Invalid", m.clone()),
-        Verdict::Conflict(m) => Cond::no(POLICY_ALLOWED, "Conflict", m.clone()),
-        Verdict::CaUnavailable(m) => Cond::no(POLICY_ALLOWED, "CaConfigMapUnavailable", m.clone()),
+        Verdict::Denied(d) => Cond::no(POLICY_ALLOWED, reason, d.0.clone()),
+        Verdict::Invalid(m) | Verdict::Conflict(m) | Verdict::CaUnavailable(m) => {
+            Cond::no(POLICY_ALLOWED, reason, m.clone())
+        }
         Verdict::Deleting => Cond::no(
             POLICY_ALLOWED,
-            "Deleting",
+            reason,
             "the binding is being deleted".into(),
         ),
     };

@@ -140,7 +140,9 @@ pub async fn sweep(ctx: &Context) -> Result<Swept> {
             }
         }
     }
-    if swept != Swept::default() {
+    // Any delete tried (one that timed out may still have landed) makes
+    // every confirmation suspect.
+    if swept != Swept::default() || first_error.is_some() {
         ctx.forget_confirmations();
     }
     match first_error {

@@ -231,6 +231,9 @@ impl VaultClient {
         if matches!(self.auth, VaultAuth::Token(_)) {
             return;
         }
+        // The session lock first: a login finishing now has put its
+        // predecessor on the retired list by the time this runs.
+        let session = self.session.lock().await.take();
         let retired: Vec<Token> = self
             .retired
             .lock()
@@ -238,12 +241,8 @@ impl VaultClient {
             .drain(..)
             .map(|(_, t)| t)
             .collect();
-        for token in retired {
-            let _ = self.revoke_token(&token).await;
-        }
-        let session = self.session.lock().await.take();
-        if let Some(session) = session {
-            let _ = self.revoke_token(&session.token).await;
+        for token in retired.iter().chain(session.as_ref().map(|s| &s.token)) {
+            let _ = self.revoke_token(token).await;
         }
     }
 
@@ -268,6 +267,7 @@ impl VaultClient {
             "auth/token/revoke-self",
             Some(token),
             None,
+            false,
         )
         .await
     }
@@ -290,18 +290,30 @@ impl VaultClient {
                 reason: "closed: the controller is stopping".into(),
             });
         }
-        // The old session stays until a new one exists: a failed login
-        // leaves a still-valid token usable.
+        // The old session stays until a new one exists: if a refresh that
+        // was merely due fails, the still-valid token keeps serving, and the
+        // next try waits a little.
         let result = self.log_in().await;
         self.metrics.vault_login(result.is_ok());
-        let mut new = result?;
+        let mut new = match result {
+            Ok(new) => new,
+            Err(e) => {
+                if refused.is_none()
+                    && let Some(s) = session.as_mut()
+                {
+                    s.refresh_at = Some(Instant::now() + Duration::from_secs(5));
+                    return Ok((s.generation, s.token.clone()));
+                }
+                return Err(e);
+            }
+        };
         new.generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         let answer = (new.generation, new.token.clone());
         let old = session.replace(new);
-        drop(session);
         // A token replaced because it was due is revoked once every request
         // that may still carry it has had its deadline; a refused one is
-        // dead already.
+        // dead already. Retired under the session lock, so a concurrent
+        // revoke() sees it.
         if let Some(old) = old
             && refused.is_none()
             && !matches!(self.auth, VaultAuth::Token(_))
@@ -312,6 +324,7 @@ impl VaultClient {
                 .unwrap_or_else(|p| p.into_inner())
                 .push((due, old.token));
         }
+        drop(session);
         Ok(answer)
     }
 
@@ -369,7 +382,7 @@ impl VaultClient {
         let started = Instant::now();
         let doing = format!("logging in at {path} ({})", self.auth.method());
         let answer = self
-            .send("login", Method::POST, &path, None, Some(body))
+            .send("login", Method::POST, &path, None, Some(body), false)
             .await?
             .ok_or_else(|| refused(&doing, 404, &Value::Null))?;
         let auth = &answer["auth"];
@@ -399,11 +412,12 @@ impl VaultClient {
         method: Method,
         path: &str,
         body: Option<Zeroizing<String>>,
+        fenced: bool,
     ) -> VaultResult<Option<Value>> {
         self.revoke_retired().await;
         let (generation, token) = self.token(None).await?;
         let first = self
-            .send(op, method.clone(), path, Some(&token), body.clone())
+            .send(op, method.clone(), path, Some(&token), body.clone(), fenced)
             .await;
         match first {
             Err(VaultError::Refused { status: 403, .. })
@@ -416,13 +430,17 @@ impl VaultClient {
                         "auth/token/lookup-self",
                         Some(&token),
                         None,
+                        false,
                     )
                     .await;
-                if alive.is_ok() {
+                // Only Vault saying no makes the token dead; a lookup that
+                // timed out proves nothing.
+                if !matches!(alive, Err(VaultError::Refused { status: 403, .. })) {
                     return first;
                 }
                 let (_, token) = self.token(Some(generation)).await?;
-                self.send(op, method, path, Some(&token), body).await
+                self.send(op, method, path, Some(&token), body, fenced)
+                    .await
             }
             other => other,
         }
@@ -438,12 +456,20 @@ impl VaultClient {
         path: &str,
         token: Option<&Token>,
         body: Option<Zeroizing<String>>,
+        fenced: bool,
     ) -> VaultResult<Option<Value>> {
         let doing = format!("{} {path}", verb(&method));
         let is_read = method == Method::GET || method.as_str() == "LIST";
         let mut request = self
             .http
             .request(method, format!("{}/v1/{path}", self.base));
+        if fenced {
+            // Checked right before each send, retries included, and the
+            // write must be done before a standby could take over.
+            if let Some(left) = self.fence.check(&doing)? {
+                request = request.timeout(left.min(self.timeout));
+            }
+        }
         if let Some(token) = token {
             request = request.header("X-Vault-Token", token.header()?);
         }
@@ -482,23 +508,13 @@ impl VaultClient {
             }
         }
         // Never quote the body: only the fields read below leave here.
-        let parsed: Option<Value> = if bytes.is_empty() {
-            Some(Value::Null)
-        } else {
-            serde_json::from_slice(&bytes).ok()
-        };
-        let value = parsed.clone().unwrap_or(Value::Null);
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         match status {
             200..=299 => Ok(Some(value)),
             // Vault's own "nothing here": JSON with no error strings. A 404
             // from something else in front of Vault is an error, so a
             // withdrawal never mistakes it for "already gone".
-            404 if is_read
-                && parsed.is_some()
-                && value["errors"].as_array().is_none_or(|e| e.is_empty()) =>
-            {
-                Ok(None)
-            }
+            404 if is_read && value["errors"].as_array().is_some_and(|e| e.is_empty()) => Ok(None),
             _ => Err(refused(&doing, status, &value)),
         }
     }
@@ -531,7 +547,9 @@ impl VaultClient {
     /// The text of ACL policy `name`, if it exists.
     pub async fn read_policy(&self, name: &str) -> VaultResult<Option<String>> {
         let path = format!("sys/policies/acl/{name}");
-        let answer = self.call("policy_read", Method::GET, &path, None).await?;
+        let answer = self
+            .call("policy_read", Method::GET, &path, None, false)
+            .await?;
         Ok(answer.and_then(|v| v["data"]["policy"].as_str().map(str::to_owned)))
     }
 
@@ -555,7 +573,7 @@ impl VaultClient {
     /// Every ACL policy name.
     pub async fn list_policies(&self) -> VaultResult<Vec<String>> {
         let answer = self
-            .call("policy_list", list(), "sys/policies/acl", None)
+            .call("policy_list", list(), "sys/policies/acl", None, false)
             .await?;
         Ok(keys(answer))
     }
@@ -569,7 +587,9 @@ impl VaultClient {
         name: &str,
     ) -> VaultResult<Option<Option<KubernetesRole>>> {
         let path = format!("auth/{mount}/role/{name}");
-        let answer = self.call("role_read", Method::GET, &path, None).await?;
+        let answer = self
+            .call("role_read", Method::GET, &path, None, false)
+            .await?;
         Ok(answer.map(|v| serde_json::from_value(v["data"].clone()).ok()))
     }
 
@@ -597,7 +617,13 @@ impl VaultClient {
     /// Every role name under the Kubernetes auth mount.
     pub async fn list_roles(&self, mount: &str) -> VaultResult<Vec<String>> {
         let answer = self
-            .call("role_list", list(), &format!("auth/{mount}/role"), None)
+            .call(
+                "role_list",
+                list(),
+                &format!("auth/{mount}/role"),
+                None,
+                false,
+            )
             .await?;
         Ok(keys(answer))
     }
@@ -614,6 +640,7 @@ impl VaultClient {
                 Method::GET,
                 &format!("{mount}/metadata/{path}"),
                 None,
+                false,
             )
             .await?;
         Ok(answer.map(|v| metadata_of(&v, k8s_openapi::jiff::Timestamp::now())))
@@ -630,7 +657,7 @@ impl VaultClient {
         self.fence.check(&format!("{} {path}", verb(&method)))?;
         self.metrics.vault_write(op);
         let body = (!body.is_null()).then(|| Zeroizing::new(body.to_string()));
-        self.call(op, method, path, body).await.map(|_| ())
+        self.call(op, method, path, body, true).await.map(|_| ())
     }
 }
 

@@ -24,7 +24,10 @@ async fn a_binding_is_granted_exactly_what_policy_allows_and_nothing_after() -> 
     // No periodic resync: every change below must be picked up from its
     // own event (a binding, a policy, a sibling).
     let ctl = env
-        .controller("ctl-journey", &["--resync-interval", "1h"])
+        .controller(
+            "ctl-journey",
+            &["--resync-interval", "1h", "--sweep-interval", "1h"],
+        )
         .await?;
     env.namespace("agents", &[("team", "research")]).await?;
     env.cluster
@@ -374,17 +377,36 @@ async fn a_binding_is_granted_exactly_what_policy_allows_and_nothing_after() -> 
     assert!(env.configmap("agents", &cm_name).await?.is_none());
 
     // A binding moved to another service account leaves the old one's
-    // grant at once.
+    // grant at once (no sweep runs here), and the old one's other binding
+    // keeps working.
     env.cluster
         .create_service_account("agents", "research2")
         .await?;
     let mover = secret_value("mover");
     env.put_secret("teams/research/mover", &mover)?;
     let spec = |sa: &str| binding_spec(sa, "teams/research/mover", "MOVER", "api.openai.com");
+    env.apply_binding(
+        "agents",
+        "stay",
+        binding_spec(
+            "research",
+            "teams/research/openai",
+            "STAY",
+            "api.openai.com",
+        ),
+    )
+    .await?;
     env.apply_binding("agents", "mover", spec("research"))
         .await?;
     env.wait_condition("agents", "mover", "Ready", "True", WITHIN)
         .await?;
+    env.wait_condition("agents", "stay", "Ready", "True", WITHIN)
+        .await?;
+    assert!(
+        env.vault_policy(&name)?
+            .unwrap_or_default()
+            .contains("teams/research/mover")
+    );
     env.apply_binding("agents", "mover", spec("research2"))
         .await?;
     let b = env
@@ -395,25 +417,39 @@ async fn a_binding_is_granted_exactly_what_policy_allows_and_nothing_after() -> 
         b.status.unwrap_or_default().vault_policy.as_deref(),
         Some(moved_to.as_str())
     );
-    wait_until("the old account's grant to go", WITHIN, || async {
-        let gone = env.vault_policy(&name).map_err(|e| e.0)?.is_none()
-            && env.vault_role(&name).map_err(|e| e.0)?.is_none()
-            && env
-                .configmap("agents", &cm_name)
-                .await
+    wait_until(
+        "the old account's grant to drop the moved binding",
+        WITHIN,
+        || async {
+            let p = env
+                .vault_policy(&name)
                 .map_err(|e| e.0)?
-                .is_none();
-        if gone {
-            Ok(())
-        } else {
-            Err("the old grant is still there".to_owned())
-        }
-    })
+                .unwrap_or_default();
+            let ids = ids(&sidecar_config(&env, "agents", &cm_name)
+                .await
+                .map_err(|e| e.0)?);
+            if !p.contains("teams/research/mover")
+                && p.contains("teams/research/openai")
+                && ids == ["stay"]
+            {
+                Ok(())
+            } else {
+                Err(format!("{ids:?} {p}"))
+            }
+        },
+    )
     .await?;
-    assert!(env.vault_policy(&moved_to)?.is_some());
-    env.delete_binding("agents", "mover").await?;
-    env.wait_binding_gone("agents", "mover", WITHIN).await?;
+    assert!(
+        env.vault_policy(&moved_to)?
+            .unwrap_or_default()
+            .contains("teams/research/mover")
+    );
+    for gone in ["mover", "stay"] {
+        env.delete_binding("agents", gone).await?;
+        env.wait_binding_gone("agents", gone, WITHIN).await?;
+    }
     assert_eq!(env.vault_policy(&moved_to)?, None);
+    assert_eq!(env.vault_policy(&name)?, None);
 
     // Two bindings of one account with one env var: the older wins, and the
     // other takes over as soon as the first is deleted (no resync runs).
@@ -678,6 +714,27 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
         env.configmap("a", "not-ours").await?.is_some(),
         "a ConfigMap not named by the controller was swept"
     );
+
+    // Drift: a policy and a role deleted by hand come back.
+    env.vault
+        .bao(&["delete", &format!("sys/policies/acl/{one}")])?;
+    env.vault
+        .bao(&["delete", &format!("auth/kubernetes/role/{one}")])?;
+    wait_until(
+        "the deleted policy and role to be put back",
+        WITHIN,
+        || async {
+            let p = env.vault_policy(&one).map_err(|e| e.0)?;
+            let r = env.vault_role(&one).map_err(|e| e.0)?;
+            if p.is_some() && r.is_some() {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    )
+    .await?;
+    login_ok(&env, "a-b", "c", &one).await?;
 
     // 10. Ten resyncs of every binding: no write at all, to Vault or to
     // the API server.
