@@ -38,6 +38,18 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Policy, role and metadata reads so far.
+fn vault_reads(ctl: &Controller) -> TestResult<u64> {
+    let mut total = 0;
+    for op in ["policy_read", "role_read", "metadata_read"] {
+        total += ctl.counter(
+            "credbroker_controller_vault_requests_total",
+            &format!("op=\"{op}\""),
+        )?;
+    }
+    Ok(total)
+}
+
 async fn count_ready(env: &Env) -> TestResult<usize> {
     let all = Api::<CredentialBinding>::all(env.client())
         .list(&ListParams::default())
@@ -142,6 +154,7 @@ async fn bench() -> TestResult {
     let writes = ctl.vault_writes()? - writes_before;
     let rss_converged = rss_kib(ctl.process.pid());
 
+    let reads_converged = vault_reads(&ctl)?;
     // A full resync: a policy change re-evaluates every binding.
     let reconciles = ctl.counter("credbroker_controller_reconciles_total", "")?;
     let started = Instant::now();
@@ -164,7 +177,13 @@ async fn bench() -> TestResult {
     let resync = started.elapsed();
     let resync_writes = ctl.vault_writes()? - writes_before - writes;
     let rss_after = rss_kib(ctl.process.pid());
-    let errors = ctl.counter("credbroker_controller_reconcile_errors_total", "")?;
+    let errors: Vec<String> = ctl
+        .metrics()?
+        .lines()
+        .filter(|l| l.starts_with("credbroker_controller_reconcile_errors_total"))
+        .map(str::to_owned)
+        .collect();
+    let resync_reads = vault_reads(&ctl)? - reads_converged;
     println!(
         "controller convergence: {bindings} bindings across {accounts} service accounts in {namespaces} namespaces"
     );
@@ -175,7 +194,10 @@ async fn bench() -> TestResult {
         2 * accounts
     );
     println!("  full resync: {bindings} reconciles in {resync:.1?}, {resync_writes} Vault writes");
-    println!("  reconcile errors: {errors}");
+    println!("  reconcile errors: {errors:?}");
+    println!(
+        "  Vault reads (policy, role, metadata): {reads_converged} to converge, {resync_reads} in the resync"
+    );
     println!(
         "  controller RSS: {} KiB converged, {} KiB after the resync",
         rss_converged, rss_after

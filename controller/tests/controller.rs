@@ -789,7 +789,16 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
 #[ignore = "needs OpenBao and kube-apiserver (KUBEBUILDER_ASSETS): run make setup"]
 async fn missing_secrets_and_vault_outages_are_reported_and_recovered() -> TestResult {
     let mut env = Env::start("outage").await?;
-    let ctl = env.controller("ctl-outage", &[]).await?;
+    // This replica logs in with AppRole.
+    let approle = env.approle_args()?;
+    let approle: Vec<&str> = approle.iter().map(String::as_str).collect();
+    let ctl = env.controller("ctl-outage", &approle).await?;
+    assert_eq!(
+        ctl.counter("credbroker_controller_vault_logins_total", "result=\"ok\"")?,
+        1,
+        "{}",
+        ctl.output()
+    );
     env.namespace("outage", &[("team", "o")]).await?;
     for sa in ["agent", "doomed"] {
         env.cluster.create_service_account("outage", sa).await?;

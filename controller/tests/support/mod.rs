@@ -113,15 +113,50 @@ impl Env {
             cluster,
             vault,
             cluster_id: cluster_id.to_owned(),
+            secrets: vec![controller_token.clone()],
             controller_token,
             kubeconfig,
             dir,
-            secrets: Vec::new(),
         })
     }
 
     pub fn client(&self) -> kube::Client {
         self.cluster.client.clone()
+    }
+
+    /// Flags that make a controller log in with AppRole (a role holding
+    /// the controller's policy) instead of a token.
+    pub fn approle_args(&mut self) -> TestResult<Vec<String>> {
+        self.vault.bao(&["auth", "enable", "approle"])?;
+        self.vault.bao(&[
+            "write",
+            "auth/approle/role/credbroker-controller",
+            "token_policies=credbroker-controller",
+            "token_no_default_policy=true",
+            "token_ttl=10m",
+        ])?;
+        let role_id = self.vault.bao(&[
+            "read",
+            "-field=role_id",
+            "auth/approle/role/credbroker-controller/role-id",
+        ])?;
+        let secret_id = self.vault.bao(&[
+            "write",
+            "-f",
+            "-field=secret_id",
+            "auth/approle/role/credbroker-controller/secret-id",
+        ])?;
+        let file = self.dir.path().join("approle.secret-id");
+        std::fs::write(&file, secret_id.trim())?;
+        self.secrets.push(secret_id.trim().to_owned());
+        Ok(vec![
+            "--vault-auth".into(),
+            "approle".into(),
+            "--vault-role-id".into(),
+            role_id.trim().to_owned(),
+            "--vault-secret-id-file".into(),
+            file.display().to_string(),
+        ])
     }
 
     /// Starts a controller replica with short intervals, for tests.
