@@ -24,7 +24,7 @@ use crate::{Error, Result, VaultError};
 /// until when it is sure it holds the lease. A leader frozen (SIGSTOP, a
 /// partition) wakes up past that instant and refuses to write before it
 /// has even noticed that it lost the lease. A write started in time must
-/// also finish before a standby could take over: [`Fence::remaining`] is
+/// also finish before a standby could take over: [`Fence::check`] returns
 /// its deadline.
 #[derive(Debug)]
 pub struct Fence {
@@ -69,13 +69,15 @@ impl Fence {
     }
 
     /// Held from a renewal sent at `sent`: writes may start until
-    /// `sent + renew_deadline` and must end by `sent + lease_duration`,
-    /// the earliest a standby can take over.
+    /// `sent + renew_deadline` and must end one retry period before
+    /// `sent + lease_duration`, the earliest a standby can take over (a
+    /// request cancelled here may still be applied there).
     fn held_since(&self, sent: Instant, settings: &LeaseSettings) {
-        *self.until.lock().unwrap_or_else(|p| p.into_inner()) = Some((
-            sent + settings.renew_deadline,
-            sent + settings.lease_duration,
-        ));
+        let finish_by = (sent + settings.lease_duration)
+            .checked_sub(settings.retry_period)
+            .unwrap_or(sent);
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((sent + settings.renew_deadline, finish_by));
     }
 
     /// No more writes.
@@ -116,6 +118,12 @@ impl Elector {
             return Err(Error::config(
                 "--lease-renew-deadline",
                 "must be shorter than --lease-duration, or two leaders could overlap",
+            ));
+        }
+        if settings.renew_deadline + settings.retry_period >= settings.lease_duration {
+            return Err(Error::config(
+                "--lease-renew-deadline",
+                "plus --lease-retry-period must be shorter than --lease-duration: writes need that margin to finish",
             ));
         }
         if settings.retry_period.is_zero() || settings.retry_period >= settings.renew_deadline {

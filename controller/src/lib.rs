@@ -77,6 +77,10 @@ pub enum Error {
     /// The watch caches do not hold a full list yet.
     #[error("the watch caches are still filling")]
     CachesNotReady,
+    /// A Kubernetes write did not finish before a standby could take over
+    /// the lease; it may or may not have landed.
+    #[error("{doing} did not finish before the leader lease could pass to another replica")]
+    WriteDeadline { doing: String },
     /// The leader lease was lost; the process exits so no two replicas write.
     #[error("lost the leader lease: {0}")]
     LeadershipLost(String),
@@ -101,6 +105,7 @@ impl Error {
             Self::Finalizer(_) => "FinalizerError",
             Self::CachesNotReady => "CachesNotReady",
             Self::LeadershipLost(_) => "LeadershipLost",
+            Self::WriteDeadline { .. } => "LeaderDeadlineExceeded",
         }
     }
 

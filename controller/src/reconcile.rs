@@ -807,11 +807,11 @@ async fn fenced<T>(
 ) -> Result<T> {
     match ctx.fence.check(doing)? {
         None => Ok(write.await),
-        Some(left) => tokio::time::timeout(left, write).await.map_err(|_| {
-            Error::Vault(VaultError::NotLeader {
+        Some(left) => tokio::time::timeout(left, write)
+            .await
+            .map_err(|_| Error::WriteDeadline {
                 doing: doing.to_owned(),
-            })
-        }),
+            }),
     }
 }
 

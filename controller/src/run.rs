@@ -454,8 +454,12 @@ pub async fn run(args: Args) -> Result<()> {
         fence_for_shutdown.close();
         controller.abort();
         warn!("reconciles still running at shutdown were cut off; the lease is left to expire");
-    } else if let Some(e) = elector.as_mut() {
-        e.release().await;
+    } else if let Some(e) = elector.as_mut()
+        && tokio::time::timeout(args.lease_renew_deadline, e.release())
+            .await
+            .is_err()
+    {
+        warn!("releasing the lease timed out; it will expire");
     }
     vault.revoke().await;
     info!("stopped");

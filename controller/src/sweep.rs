@@ -24,6 +24,9 @@ use crate::names::cluster_prefix;
 use crate::reconcile::{Context, delete_configmap};
 use crate::{Error, Result};
 
+/// The longest the sweep waits for one list while applies wait for it.
+const LIST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What one sweep deleted.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Swept {
@@ -53,26 +56,43 @@ pub async fn sweep(ctx: &Context) -> Result<Swept> {
     // From here on no apply runs: what should exist is read after every
     // grant written so far, and nothing is written until the deletes end.
     let _gate = ctx.sweep_gate.write().await;
-    let namespaces = Api::<Namespace>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(Error::kube("listing namespaces"))?;
+    // Applies wait while the gate is held: the lists get a deadline of
+    // their own (kube's client has none).
+    let deadline = |what: &'static str| {
+        move |_| Error::Config {
+            what: format!("the sweep, {what}"),
+            reason: format!("no answer from the API server within {LIST_DEADLINE:?}"),
+        }
+    };
+    let namespaces = tokio::time::timeout(
+        LIST_DEADLINE,
+        Api::<Namespace>::all(ctx.client.clone()).list_metadata(&ListParams::default()),
+    )
+    .await
+    .map_err(deadline("listing namespaces"))?
+    .map_err(Error::kube("listing namespaces"))?;
     let labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
         .items
         .iter()
         .map(|ns| (ns.name_any(), ns.labels().clone()))
         .collect();
-    let bindings = Api::<CredentialBinding>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("listing CredentialBindings"))?
-        .items;
+    let bindings = tokio::time::timeout(
+        LIST_DEADLINE,
+        Api::<CredentialBinding>::all(ctx.client.clone()).list(&ListParams::default()),
+    )
+    .await
+    .map_err(deadline("listing CredentialBindings"))?
+    .map_err(Error::kube("listing CredentialBindings"))?
+    .items;
     let refs: Vec<&CredentialBinding> = bindings.iter().collect();
-    let cluster_policies = Api::<ClusterCredentialPolicy>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::kube("listing ClusterCredentialPolicies"))?
-        .items;
+    let cluster_policies = tokio::time::timeout(
+        LIST_DEADLINE,
+        Api::<ClusterCredentialPolicy>::all(ctx.client.clone()).list(&ListParams::default()),
+    )
+    .await
+    .map_err(deadline("listing ClusterCredentialPolicies"))?
+    .map_err(Error::kube("listing ClusterCredentialPolicies"))?
+    .items;
     let desired = desired_state(&Inputs {
         bindings: &refs,
         policies: &cluster_policies,

@@ -105,6 +105,8 @@ struct Session {
     /// When to log in again: two thirds into the token's TTL. `None` for a
     /// token that does not expire.
     refresh_at: Option<Instant>,
+    /// When the token expires (`None`: never).
+    expires_at: Option<Instant>,
 }
 
 /// One client for one Vault, shared by every reconcile.
@@ -298,8 +300,13 @@ impl VaultClient {
         let mut new = match result {
             Ok(new) => new,
             Err(e) => {
+                // ...as long as it outlives a request deadline.
+                let outlives = |s: &Session| {
+                    s.expires_at
+                        .is_none_or(|at| Instant::now() + self.timeout < at)
+                };
                 if refused.is_none()
-                    && let Some(s) = session.as_mut()
+                    && let Some(s) = session.as_mut().filter(|s| outlives(s))
                 {
                     s.refresh_at = Some(Instant::now() + Duration::from_secs(5));
                     return Ok((s.generation, s.token.clone()));
@@ -351,6 +358,7 @@ impl VaultClient {
                     generation: 0,
                     token: token.clone(),
                     refresh_at: None,
+                    expires_at: None,
                 });
             }
             VaultAuth::Kubernetes {
@@ -399,6 +407,7 @@ impl VaultClient {
             generation: 0,
             token: Token::new(token.to_owned()),
             refresh_at: (ttl > 0).then(|| started + Duration::from_secs(ttl * 2 / 3)),
+            expires_at: (ttl > 0).then(|| started + Duration::from_secs(ttl)),
         })
     }
 

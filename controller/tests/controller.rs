@@ -644,6 +644,13 @@ async fn tenants_stay_apart_orphans_are_swept_and_resyncs_write_nothing() -> Tes
         ctl.counter("credbroker_controller_swept_total", "policy")?,
         1
     );
+    assert!(ctl.counter("credbroker_controller_sweeps_total", "result=\"ok\"")? > 0);
+    assert_eq!(
+        ctl.counter("credbroker_controller_sweeps_total", "result=\"error\"")?,
+        0,
+        "{}",
+        ctl.output()
+    );
 
     // KV v1: the grant names the path itself, and SecretFound cannot know.
     let v1 = secret_value("kv1");
