@@ -62,6 +62,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A test's failure, printing the error's message (which says what is
+/// missing and how to install it) rather than its `Debug` form. Any error
+/// converts into it, so tests use `?` on fixtures and clients alike.
+pub struct Failure(pub String);
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// What a test returns.
+pub type TestResult<T = ()> = std::result::Result<T, Failure>;
+
 /// The command that installs every part the tests use.
 pub const SETUP_HINT: &str =
     "run `make test`, or `eval \"$(hack/setup.sh)\"` in the shell that runs cargo test";

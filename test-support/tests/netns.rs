@@ -5,7 +5,6 @@
 //! behind. Needs root, iproute2, iptables and curl (`make setup`); run with
 //! `cargo test -p credbroker-test-support --test netns -- --include-ignored`.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -24,23 +23,7 @@ use credbroker_test_support::{find_binary, run};
 const AGENT: RunAs = RunAs::new(2000, 2000);
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A test failure that prints the error's message, which says what is
-/// missing and how to install it, rather than its `Debug` form.
-struct Failure(String);
-
-impl fmt::Debug for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<E: fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self(e.to_string())
-    }
-}
-
-type TestResult<T = ()> = Result<T, Failure>;
+use credbroker_test_support::{Failure, TestResult};
 
 fn curl_binary() -> TestResult<PathBuf> {
     Ok(find_binary("CREDBROKER_CURL", "curl")?)

@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -18,22 +17,7 @@ use credbroker_test_support::{free_port, run, wait_until};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
-/// A test failure that prints its message.
-pub struct Failure(pub String);
-
-impl fmt::Debug for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<E: fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self(e.to_string())
-    }
-}
-
-pub type TestResult<T = ()> = Result<T, Failure>;
+pub use credbroker_test_support::{Failure, TestResult};
 
 /// Where the controller's reviewer and lease live.
 pub const SYSTEM_NS: &str = "credbroker-system";

@@ -15,7 +15,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -34,23 +33,7 @@ pub const PROXY: RunAs = RunAs::new(DEFAULT_PROXY_UID, DEFAULT_PROXY_GID);
 pub const ADMIN_PORT: u16 = credbroker_sidecar::run::DEFAULT_ADMIN_PORT;
 pub const LOCAL_PORT: u16 = 15080;
 
-/// A test failure that prints the error's message (which says what is
-/// missing and how to install it).
-pub struct Failure(pub String);
-
-impl fmt::Debug for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<E: fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self(e.to_string())
-    }
-}
-
-pub type TestResult<T = ()> = Result<T, Failure>;
+pub use credbroker_test_support::{Failure, TestResult};
 
 /// What curl saw.
 #[derive(Debug, Clone)]
