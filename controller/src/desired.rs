@@ -397,13 +397,20 @@ pub fn policy_document(secrets: &[&VaultSecretRef]) -> Option<String> {
     for (path, capability) in SELF_SERVICE {
         paths.entry(path.to_owned()).or_default().insert(capability);
     }
+    Some(acl_document(paths))
+}
+
+/// An ACL policy as JSON text: each path with its capabilities, in path
+/// order, so the same grant always reads the same (compare-before-write
+/// relies on it).
+fn acl_document<C: Serialize>(paths: BTreeMap<String, C>) -> String {
     let document = serde_json::json!({
         "path": paths
             .into_iter()
             .map(|(path, caps)| (path, serde_json::json!({ "capabilities": caps })))
             .collect::<serde_json::Map<_, _>>()
     });
-    serde_json::to_string_pretty(&document).ok()
+    serde_json::to_string_pretty(&document).unwrap_or_default()
 }
 
 /// The Vault policy the controller itself needs, as JSON: write, read and
@@ -424,13 +431,7 @@ pub fn controller_policy(cluster_id: &str, auth_mount: &str, kv_mounts: &[String
     for (path, capability) in SELF_SERVICE {
         paths.insert(path.to_owned(), vec![capability]);
     }
-    let document = serde_json::json!({
-        "path": paths
-            .into_iter()
-            .map(|(path, caps)| (path, serde_json::json!({ "capabilities": caps })))
-            .collect::<serde_json::Map<_, _>>()
-    });
-    serde_json::to_string_pretty(&document).unwrap_or_default()
+    acl_document(paths)
 }
 
 #[cfg(test)]

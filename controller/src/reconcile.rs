@@ -117,7 +117,7 @@ impl Context {
     /// Whether the binding and policy caches hold a full list. Until they
     /// do, an account's other bindings, or the policy allowing them, may be
     /// missing, and acting then would withdraw live grants.
-    fn caches_ready(&self) -> bool {
+    pub(crate) fn caches_ready(&self) -> bool {
         use futures::FutureExt as _;
         matches!(
             self.bindings.wait_until_ready().now_or_never(),

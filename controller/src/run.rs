@@ -595,25 +595,19 @@ fn run_controller(
         // A cache that never fills (RBAC, a missing CRD) would leave every
         // reconcile waiting in silence: say so, every 30 s, until it fills.
         let watchdog = {
-            let (store, policies) = (store.clone(), policies.clone());
+            let ctx = ctx.clone();
             let work = work.clone();
             async move {
-                use futures::FutureExt as _;
-                let started = std::time::Instant::now();
-                let mut warned = Duration::ZERO;
-                loop {
-                    let ready = |s: Option<Result<(), _>>| matches!(s, Some(Ok(())));
-                    if ready(store.wait_until_ready().now_or_never())
-                        && ready(policies.wait_until_ready().now_or_never())
-                    {
+                for waited in 0u64.. {
+                    if ctx.caches_ready() {
                         info!("watch caches filled; reconciling");
                         return;
                     }
-                    if started.elapsed() >= warned + Duration::from_secs(30) {
-                        warned = started.elapsed();
-                        if warned >= Duration::from_secs(30) {
-                            warn!(waited = ?warned, "the CredentialBinding or ClusterCredentialPolicy watch has not listed yet: check the CRDs and the controller's RBAC");
-                        }
+                    if waited > 0 && waited % 30 == 0 {
+                        warn!(
+                            waited_seconds = waited,
+                            "the CredentialBinding or ClusterCredentialPolicy watch has not listed yet: check the CRDs and the controller's RBAC"
+                        );
                     }
                     tokio::select! {
                         _ = work.cancelled() => return,
