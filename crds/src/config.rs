@@ -207,6 +207,59 @@ impl LocalConfig {
     }
 }
 
+/// The longest prefix [`generate_placeholder`] takes (the CRD's limit).
+pub const PLACEHOLDER_PREFIX_MAX_LEN: usize = 32;
+/// Random characters in a generated placeholder: 26 base-36 characters are
+/// 26 * log2(36) = 134.4 bits, over the 128 bits required.
+pub const PLACEHOLDER_RANDOM_CHARS: usize = 26;
+
+/// A new placeholder: `prefix` (RFC 3986 unreserved characters, at most
+/// [`PLACEHOLDER_PREFIX_MAX_LEN`]) followed by [`PLACEHOLDER_RANDOM_CHARS`]
+/// characters drawn uniformly from `[0-9a-z]` with the OS random number
+/// generator. Lowercase letters and digits need no escaping in a URL, JSON
+/// or a header, and survive anything that lowercases what it forwards. The
+/// webhook (per pod) and the sidecar (`credbroker-sidecar placeholder`)
+/// both generate them here.
+pub fn generate_placeholder(prefix: Option<&str>) -> Result<String> {
+    use ring::rand::SecureRandom;
+    const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let prefix = prefix.unwrap_or("");
+    if prefix.len() > PLACEHOLDER_PREFIX_MAX_LEN
+        || !prefix
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c))
+    {
+        return Err(Error::invalid(
+            "placeholder.prefix",
+            format!(
+                "{prefix:?}: must be at most {PLACEHOLDER_PREFIX_MAX_LEN} RFC 3986 unreserved \
+                 characters"
+            ),
+        ));
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let mut out = String::with_capacity(prefix.len() + PLACEHOLDER_RANDOM_CHARS);
+    out.push_str(prefix);
+    let mut random = [0u8; 64];
+    let mut drawn = 0;
+    while drawn < PLACEHOLDER_RANDOM_CHARS {
+        rng.fill(&mut random).map_err(|_| Error::Parse {
+            what: "placeholder".into(),
+            reason: "the OS random number generator failed".into(),
+        })?;
+        // Rejection sampling: 252 = 7 * 36, so bytes below it map
+        // uniformly onto the alphabet; the rest are discarded.
+        for &b in random.iter().filter(|&&b| b < 252) {
+            if drawn == PLACEHOLDER_RANDOM_CHARS {
+                break;
+            }
+            out.push(char::from(ALPHABET[usize::from(b % 36)]));
+            drawn += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// The longest placeholder accepted: it bounds what the sidecar holds back
 /// while scanning a stream.
 pub const MAX_PLACEHOLDER_LEN: usize = 128;

@@ -28,6 +28,63 @@ pub const BINDINGS_CONFIGMAP_KEY: &str = "bindings.v1.json";
 /// Prefix of every name credbroker creates in Kubernetes and in Vault.
 pub const NAME_PREFIX: &str = "credbroker-";
 
+/// What the webhook injects, by name. The admission policy
+/// (`webhook/deploy/admission-policy.yaml`) and the pod-runner of the tests
+/// recognise an injected pod by these names and paths; changing one is an
+/// API change.
+pub mod injected {
+    /// The init container that programs the packet filter, first in `initContainers`.
+    pub const INIT_CONTAINER: &str = "credbroker-init";
+    /// The native sidecar (`restartPolicy: Always`), right after [`INIT_CONTAINER`].
+    pub const SIDECAR_CONTAINER: &str = "credbroker-sidecar";
+    /// The sidecar binary in both the sidecar and the init image.
+    pub const SIDECAR_BINARY: &str = "/usr/local/bin/credbroker-sidecar";
+
+    /// The projected service-account token with the broker audience.
+    pub const TOKEN_VOLUME: &str = "credbroker-token";
+    /// Where [`TOKEN_VOLUME`] is mounted in the sidecar (only there).
+    pub const TOKEN_DIR: &str = "/var/run/secrets/credbroker";
+    /// The token's file in [`TOKEN_DIR`].
+    pub const TOKEN_FILE: &str = "token";
+    /// The controller's bindings ConfigMap (optional).
+    pub const BINDINGS_VOLUME: &str = "credbroker-bindings";
+    pub const BINDINGS_DIR: &str = "/etc/credbroker/bindings";
+    /// The downward API: the placeholders annotation, pod name, namespace, UID.
+    pub const POD_INFO_VOLUME: &str = "credbroker-pod";
+    pub const POD_INFO_DIR: &str = "/etc/credbroker/pod";
+    /// The downward-API file holding the placeholders annotation.
+    pub const PLACEHOLDERS_FILE: &str = "placeholders";
+    /// The in-memory volume holding the pod CA's key (sidecar only).
+    pub const CA_VOLUME: &str = "credbroker-ca";
+    pub const CA_DIR: &str = "/var/run/credbroker/ca";
+    /// The in-memory volume the sidecar writes the trust bundle to;
+    /// read-only in agent containers, at the same path.
+    pub const TRUST_VOLUME: &str = "credbroker-trust";
+    pub const TRUST_DIR: &str = "/var/run/credbroker/trust";
+    /// The combined PEM bundle in [`TRUST_DIR`] (system roots, the pod CA,
+    /// the bindings' extra CAs): what `SSL_CERT_FILE` and its kin point at.
+    pub const TRUST_BUNDLE_FILE: &str = "ca-bundle.crt";
+    /// The same certificates as a PKCS#12 truststore, for Java.
+    pub const TRUSTSTORE_FILE: &str = "truststore.p12";
+    /// The truststore's password: public, documented, the JDK's own
+    /// default (the file holds public certificates only; Java needs some).
+    pub const TRUSTSTORE_PASSWORD: &str = "changeit";
+    /// The xtables lock directory of the init container (iptables writes
+    /// `/run/xtables.lock`; the root filesystem is read-only).
+    pub const XTABLES_VOLUME: &str = "credbroker-xtables";
+    pub const XTABLES_DIR: &str = "/run";
+
+    /// Every volume the webhook adds. No agent container may mount one.
+    pub const VOLUMES: [&str; 6] = [
+        TOKEN_VOLUME,
+        BINDINGS_VOLUME,
+        POD_INFO_VOLUME,
+        CA_VOLUME,
+        TRUST_VOLUME,
+        XTABLES_VOLUME,
+    ];
+}
+
 /// The default audience of the projected token the sidecar logs in to Vault
 /// with. It is never one of the API server's own audiences.
 pub const DEFAULT_BROKER_AUDIENCE: &str = "credbroker";

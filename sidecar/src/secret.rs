@@ -203,15 +203,9 @@ pub const PLACEHOLDER_MIN_LEN: usize = 22;
 /// hold back across chunks.
 pub const PLACEHOLDER_MAX_LEN: usize = 256;
 /// The longest prefix [`Placeholder::generate`] takes (the CRD's limit).
-pub const PREFIX_MAX_LEN: usize = 32;
-/// Random characters in a generated placeholder: 26 base-36 characters are
-/// 26 * log2(36) = 134.4 bits, over the 128 bits required.
-pub const RANDOM_CHARS: usize = 26;
-
-/// The alphabet of generated placeholders: lowercase letters and digits.
-/// Unreserved in RFC 3986, needs no escaping in JSON or a header, and
-/// survives case folding by anything that lowercases what it forwards.
-const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+pub const PREFIX_MAX_LEN: usize = credbroker_crds::config::PLACEHOLDER_PREFIX_MAX_LEN;
+/// Random characters in a generated placeholder.
+pub const RANDOM_CHARS: usize = credbroker_crds::config::PLACEHOLDER_RANDOM_CHARS;
 
 /// A per-pod stand-in for one binding's secret. Not a secret: it prints.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -222,33 +216,9 @@ impl Placeholder {
     /// [`PREFIX_MAX_LEN`]) followed by [`RANDOM_CHARS`] characters drawn
     /// uniformly from `[0-9a-z]` with the OS random number generator.
     pub fn generate(prefix: Option<&str>) -> Result<Self> {
-        let prefix = prefix.unwrap_or("");
-        if prefix.len() > PREFIX_MAX_LEN || !prefix.bytes().all(is_unreserved) {
-            return Err(Error::Config(format!(
-                "placeholder prefix {prefix:?}: must be at most {PREFIX_MAX_LEN} RFC 3986 \
-                 unreserved characters"
-            )));
-        }
-        let mut out = String::with_capacity(prefix.len() + RANDOM_CHARS);
-        out.push_str(prefix);
-        let mut random = [0u8; 64];
-        let mut drawn = 0;
-        while drawn < RANDOM_CHARS {
-            getrandom::fill(&mut random).map_err(|e| Error::Io {
-                what: "the OS random number generator".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            // Rejection sampling: 252 = 7 * 36, so bytes below it map
-            // uniformly onto the alphabet; the rest are discarded.
-            for &b in random.iter().filter(|&&b| b < 252) {
-                if drawn == RANDOM_CHARS {
-                    break;
-                }
-                out.push(char::from(ALPHABET[usize::from(b % 36)]));
-                drawn += 1;
-            }
-        }
-        Ok(Self(out.into_boxed_str()))
+        credbroker_crds::config::generate_placeholder(prefix)
+            .map(|p| Self(p.into_boxed_str()))
+            .map_err(|e| Error::Config(e.to_string()))
     }
 
     /// Validates a placeholder received from the pod annotation: at least
@@ -386,6 +356,9 @@ mod tests {
         let v = SecretValue::new(Vec::with_capacity(64));
         assert!(v.is_empty());
     }
+
+    /// The generator's alphabet (`credbroker_crds::config::generate_placeholder`).
+    const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
     #[test]
     fn generated_placeholders_are_random_unreserved_and_prefixed() {

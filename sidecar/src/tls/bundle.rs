@@ -35,11 +35,11 @@ use crate::{Error, Result};
 /// The pod CA alone.
 pub const CA_FILE: &str = "ca.crt";
 /// System roots + pod CA + extra CAs, PEM.
-pub const BUNDLE_FILE: &str = "ca-bundle.crt";
+pub const BUNDLE_FILE: &str = credbroker_crds::keys::injected::TRUST_BUNDLE_FILE;
 /// The same as [`BUNDLE_FILE`], as a PKCS#12 truststore for Java.
-pub const TRUSTSTORE_FILE: &str = "truststore.p12";
+pub const TRUSTSTORE_FILE: &str = credbroker_crds::keys::injected::TRUSTSTORE_FILE;
 /// The truststore's password: public, documented, the JDK's own default.
-pub const TRUSTSTORE_PASSWORD: &str = "changeit";
+pub const TRUSTSTORE_PASSWORD: &str = credbroker_crds::keys::injected::TRUSTSTORE_PASSWORD;
 /// The pod CA's alias in the truststore.
 pub const POD_CA_ALIAS: &str = "credbroker-pod-ca";
 
