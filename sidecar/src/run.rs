@@ -142,7 +142,11 @@ enum SourceChoice {
     Vault(Box<VaultSettings>),
 }
 
-fn secret_source(args: &EngineArgs, local: bool) -> Result<SourceChoice> {
+fn secret_source(args: &EngineArgs, files: &ConfigFiles) -> Result<SourceChoice> {
+    let (local, bindings_file) = match files {
+        ConfigFiles::Pod { bindings, .. } => (false, Some(bindings.as_path())),
+        ConfigFiles::Local(_) => (true, None),
+    };
     match args.secret_source {
         SecretSourceKind::File => {
             let dir = args
@@ -164,7 +168,7 @@ fn secret_source(args: &EngineArgs, local: bool) -> Result<SourceChoice> {
                 let trimmed = bytes.trim_ascii();
                 crate::secret::SecretValue::copy_from(trimmed)
             });
-            VaultSettings::from_args(&args.vault, local, token_env).map(|mut s| {
+            VaultSettings::from_args(&args.vault, local, token_env, bindings_file).map(|mut s| {
                 s.data_recheck = args.max_staleness;
                 SourceChoice::Vault(Box::new(s))
             })
@@ -198,7 +202,7 @@ async fn start(
     local: bool,
 ) -> Result<Arc<Engine>> {
     args.validate()?;
-    let source = secret_source(args, local)?;
+    let source = secret_source(args, &files)?;
     let extra_cas = load_extra_cas(&args.extra_ca_files)?;
     let system_roots = match crate::tls::system_roots() {
         Ok(roots) => roots,

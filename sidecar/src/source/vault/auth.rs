@@ -26,13 +26,13 @@ pub enum Credentials {
     /// every login (the kubelet rotates it).
     Kubernetes {
         mount: String,
-        role: String,
+        role: RoleFrom,
         jwt_file: PathBuf,
     },
     /// JWT auth with the same projected token.
     Jwt {
         mount: String,
-        role: String,
+        role: RoleFrom,
         jwt_file: PathBuf,
     },
     /// AppRole: a role_id, and the secret_id read from a file at every login.
@@ -45,6 +45,43 @@ pub enum Credentials {
     /// not ours). From a file (re-read when the token stops working) or
     /// the environment.
     Token(TokenFrom),
+}
+
+/// Where the role to log in as comes from.
+pub enum RoleFrom {
+    /// `--vault-role`.
+    Flag(String),
+    /// The `vaultRole` of the controller's bindings ConfigMap, re-read at
+    /// every login: in a pod the controller names the role (it carries a
+    /// hash of the cluster id, namespace and service account), so the
+    /// webhook need not know it and a renamed role is picked up.
+    Bindings(PathBuf),
+}
+
+impl RoleFrom {
+    fn role(&self) -> Result<String, AuthError> {
+        let path = match self {
+            Self::Flag(role) => return Ok(role.clone()),
+            Self::Bindings(path) => path,
+        };
+        let refused = |reason: String| AuthError {
+            unreachable: false,
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            refused(format!(
+                "the Vault role comes from the bindings ({}): {e}; has the controller granted \
+                 this service account any binding?",
+                path.display()
+            ))
+        })?;
+        let bindings = credbroker_crds::config::SidecarBindings::from_json(&text)
+            .map_err(|e| refused(format!("the Vault role: {}: {e}", path.display())))?;
+        bindings
+            .vault_role
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| refused(format!("{}: no vaultRole", path.display())))
+    }
 }
 
 pub enum TokenFrom {
@@ -424,8 +461,15 @@ impl Auth {
         let (sent, body) = match credentials {
             Credentials::Kubernetes { role, jwt_file, .. }
             | Credentials::Jwt { role, jwt_file, .. } => {
+                let role = role.role()?;
                 let jwt = read_credential(jwt_file, "--vault-jwt-file")?;
-                let body = to_json(&RoleJwt { role, jwt: &jwt }, jwt.len())?;
+                let body = to_json(
+                    &RoleJwt {
+                        role: &role,
+                        jwt: &jwt,
+                    },
+                    jwt.len(),
+                )?;
                 (jwt, body)
             }
             Credentials::AppRole {
@@ -757,6 +801,34 @@ fn to_json(value: &impl Serialize, credential_len: usize) -> Result<Zeroizing<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_role_comes_from_the_bindings_the_controller_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bindings.v1.json");
+        let from = RoleFrom::Bindings(file.clone());
+        // No ConfigMap (yet): a refusal that says where it looked.
+        let missing = from.role().unwrap_err();
+        assert!(!missing.unreachable);
+        assert!(
+            missing.reason.contains("bindings.v1.json"),
+            "{}",
+            missing.reason
+        );
+        std::fs::write(&file, r#"{"formatVersion":1,"bindings":[]}"#).unwrap();
+        assert!(from.role().unwrap_err().reason.contains("no vaultRole"));
+        std::fs::write(
+            &file,
+            r#"{"formatVersion":1,"vaultRole":"credbroker-0a1b2c3d-agents-agent-0123456789abcdef","bindings":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            from.role().unwrap(),
+            "credbroker-0a1b2c3d-agents-agent-0123456789abcdef"
+        );
+        // A flag wins, and reads nothing.
+        assert_eq!(RoleFrom::Flag("r".into()).role().unwrap(), "r");
+    }
 
     fn refused() -> AuthError {
         AuthError {

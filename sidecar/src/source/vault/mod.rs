@@ -30,7 +30,7 @@ use std::time::Duration;
 use credbroker_crds::VaultSecretRef;
 use http::Method;
 
-use self::auth::{Auth, AuthError, Credentials, Session, TokenFrom};
+use self::auth::{Auth, AuthError, Credentials, RoleFrom, Session, TokenFrom};
 use self::client::{Answer, VaultAddr, VaultHttp, VaultTls};
 use super::kv::{KeyError, extract_key_at};
 use super::{BoxFuture, Fetched, Revision, SecretSource, SourceError, display_path};
@@ -70,7 +70,9 @@ pub struct VaultArgs {
     #[arg(long, env = "CREDBROKER_VAULT_AUTH_MOUNT")]
     pub vault_auth_mount: Option<String>,
 
-    /// The role to log in as (kubernetes, jwt).
+    /// The role to log in as (kubernetes, jwt). In proxy mode, without it,
+    /// the role is the `vaultRole` the controller wrote into the bindings,
+    /// re-read at every login.
     #[arg(long, env = "CREDBROKER_VAULT_ROLE")]
     pub vault_role: Option<String>,
 
@@ -98,8 +100,17 @@ pub struct VaultArgs {
 
     /// PEM CA certificates to verify Vault with (instead of the system
     /// roots).
-    #[arg(long, env = "CREDBROKER_VAULT_CA_FILE")]
+    #[arg(
+        long,
+        env = "CREDBROKER_VAULT_CA_FILE",
+        conflicts_with = "vault_ca_pem"
+    )]
     pub vault_ca_file: Option<PathBuf>,
+
+    /// The same CA as PEM text: how the webhook hands a pod Vault's CA
+    /// (a public certificate) without a volume in every namespace.
+    #[arg(long, env = "CREDBROKER_VAULT_CA_PEM", hide_env_values = true)]
+    pub vault_ca_pem: Option<String>,
 
     /// Local mode only: allow an http:// Vault address (the token and the
     /// secrets then cross the network in cleartext).
@@ -138,10 +149,13 @@ impl VaultSettings {
     /// flag. `local`: local mode, the only one that may weaken transport
     /// security, and then only when asked and with a loud warning.
     /// `token_env`: the CREDBROKER_VAULT_TOKEN variable's value.
+    /// `bindings_file`: proxy mode's bindings, where the role is read from
+    /// when `--vault-role` is not given.
     pub fn from_args(
         args: &VaultArgs,
         local: bool,
         token_env: Option<crate::secret::SecretValue>,
+        bindings_file: Option<&std::path::Path>,
     ) -> Result<Self> {
         let text = args.vault_addr.as_deref().ok_or_else(|| {
             config_error(
@@ -169,7 +183,7 @@ impl VaultSettings {
                 Some(ns.to_owned())
             }
         };
-        let credentials = Self::credentials(args, token_env)?;
+        let credentials = Self::credentials(args, token_env, bindings_file)?;
         Ok(Self {
             addr,
             tls,
@@ -219,6 +233,10 @@ impl VaultSettings {
                 .map_err(|e| config_error(format!("--vault-tls-skip-verify: {e}")));
         }
         let roots = match &args.vault_ca_file {
+            None if args.vault_ca_pem.is_some() => {
+                let pem = args.vault_ca_pem.as_deref().unwrap_or_default();
+                crate::tls::parse_pem_certs(pem, "--vault-ca-pem")?
+            }
             Some(file) => {
                 let pem = std::fs::read_to_string(file).map_err(|e| {
                     config_error(format!("--vault-ca-file {}: {e}", file.display()))
@@ -236,6 +254,7 @@ impl VaultSettings {
     fn credentials(
         args: &VaultArgs,
         token_env: Option<crate::secret::SecretValue>,
+        bindings_file: Option<&std::path::Path>,
     ) -> Result<Credentials> {
         let method = args.vault_auth.ok_or_else(|| {
             config_error(
@@ -319,13 +338,18 @@ impl VaultSettings {
         };
         Ok(match method {
             AuthMethod::Kubernetes | AuthMethod::Jwt => {
-                let role = args
-                    .vault_role
-                    .clone()
-                    .filter(|r| !r.is_empty())
-                    .ok_or_else(|| {
-                        config_error(format!("--vault-auth {name} needs --vault-role"))
-                    })?;
+                let role = match (
+                    args.vault_role.clone().filter(|r| !r.is_empty()),
+                    bindings_file,
+                ) {
+                    (Some(role), _) => RoleFrom::Flag(role),
+                    (None, Some(file)) => RoleFrom::Bindings(file.to_path_buf()),
+                    (None, None) => {
+                        return Err(config_error(format!(
+                            "--vault-auth {name} needs --vault-role"
+                        )));
+                    }
+                };
                 let jwt_file = args
                     .vault_jwt_file
                     .clone()
@@ -722,7 +746,7 @@ mod tests {
     fn settings(args: &[&str], local: bool) -> Result<VaultSettings> {
         let cli = Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
             .map_err(|e| Error::Config(e.to_string()))?;
-        VaultSettings::from_args(&cli.vault, local, None)
+        VaultSettings::from_args(&cli.vault, local, None, None)
     }
 
     fn error(args: &[&str], local: bool) -> String {
