@@ -15,7 +15,17 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+/// What `/metrics` shows: the controller's metrics, or the webhook's
+/// (which serves its probes through this module too).
+pub trait RenderMetrics: Send + Sync {
+    fn render(&self) -> String;
+}
+
+impl RenderMetrics for crate::metrics::Metrics {
+    fn render(&self) -> String {
+        crate::metrics::Metrics::render(self)
+    }
+}
 
 /// Probes and a scraper need a handful of connections.
 const MAX_CONNECTIONS: usize = 32;
@@ -36,7 +46,7 @@ impl Health {
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn RenderMetrics>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -53,7 +63,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |request| {
-                let answer = answer(&health, &metrics, &request);
+                let answer = answer(&health, metrics.as_ref(), &request);
                 async move { Ok::<_, std::convert::Infallible>(answer) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -69,7 +79,7 @@ pub async fn serve(
 
 fn answer(
     health: &Health,
-    metrics: &Metrics,
+    metrics: &dyn RenderMetrics,
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {

@@ -246,6 +246,17 @@ impl TestApiServer {
         &self.dir
     }
 
+    /// A kubeconfig that authenticates with `token` (a ServiceAccount's),
+    /// for running a component as its own identity.
+    pub fn kubeconfig_for_token(&self, token: &str) -> String {
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem());
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: component\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: component\ncurrent-context: test\n",
+            self.url()
+        )
+    }
+
     /// The real `kubectl`, pointed at this server as admin.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.kubectl);
@@ -450,7 +461,8 @@ fn yaml_to_json(text: &str) -> std::result::Result<serde_json::Value, String> {
     serde_yaml::from_str(text).map_err(|e| e.to_string())
 }
 
-async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
+/// A client from a kubeconfig file (an admin one, or a component's own).
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
     crate::install_crypto_provider();
     let kubeconfig = Kubeconfig::read_from(path)
         .map_err(|e| Error::Other(format!("reading the test kubeconfig: {e}")))?;

@@ -81,7 +81,7 @@ impl Env {
             )
             .await?;
         let kubeconfig = dir.path().join("controller.kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_for(&server, &sa_token))?;
+        std::fs::write(&kubeconfig, server.kubeconfig_for_token(&sa_token))?;
         // The controller runs with exactly the policy it documents.
         let policy = run(Command::new(controller_binary()).args([
             "--print-vault-policy",
@@ -511,16 +511,6 @@ impl Controller {
     pub fn output(&self) -> String {
         self.process.output()
     }
-}
-
-/// A kubeconfig that authenticates with `token` (a ServiceAccount's).
-fn kubeconfig_for(server: &TestApiServer, token: &str) -> String {
-    use base64::Engine as _;
-    let ca = base64::engine::general_purpose::STANDARD.encode(server.ca_pem());
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: controller\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: controller\ncurrent-context: test\n",
-        server.url()
-    )
 }
 
 pub fn controller_binary() -> PathBuf {
