@@ -447,6 +447,47 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
     kubectl_apply(&env.server, &agent_pod("other", "labelled", "label"), &[]).map_err(Failure)?;
     let first = assert_injected(&env.pod("agents", "annotated").await?)?;
     assert_injected(&env.pod("other", "labelled").await?)?;
+    // Idempotent against the real API server's defaulting: the stored pod,
+    // mutated again with the webhook's own settings, yields an empty patch.
+    let settings = <credbroker_webhook::run::Args as clap::Parser>::try_parse_from([
+        "credbroker-webhook",
+        "--namespace",
+        SYSTEM_NS,
+        "--sidecar-image",
+        SIDECAR_IMAGE,
+        "--init-image",
+        INIT_IMAGE,
+        "--vault-addr",
+        "https://vault.vault.svc:8200",
+        "--cert-mode",
+        "self-managed",
+    ])
+    .map_err(|e| Failure(e.to_string()))?
+    .inject_settings()
+    .map_err(|e| Failure(e.to_string()))?;
+    let bindings = credbroker_crds::config::SidecarBindings::from_json(&std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bindings.json"),
+    )?)
+    .map_err(|e| Failure(e.to_string()))?;
+    for (ns, name) in [("agents", "annotated"), ("other", "labelled")] {
+        let stored: Value = serde_json::from_str(&run(env
+            .server
+            .kubectl()
+            .args(["get", "pod", "-n", ns, name, "-o", "json"]))?)?;
+        let mut fresh = |p: Option<&str>| {
+            credbroker_crds::config::generate_placeholder(p).map_err(|e| e.to_string())
+        };
+        let again =
+            credbroker_webhook::mutate::mutate(&stored, &settings, Some(&bindings), &mut fresh)
+                .map_err(|r| Failure(format!("{ns}/{name}: the stored pod is refused: {r}")))?;
+        if !again.patch.is_empty() {
+            return Err(Failure(format!(
+                "{ns}/{name}: mutating the stored pod again is not a no-op: {}",
+                serde_json::to_string(&again.patch).unwrap_or_default()
+            )));
+        }
+    }
+
     // 7. A second pod of the same ServiceAccount gets its own placeholders.
     kubectl_apply(
         &env.server,
