@@ -54,7 +54,21 @@ impl TestApiServer {
             .tempdir()
             .map_err(|e| Error::Io("creating the apiserver directory".into(), e))?;
         let path = dir.path().to_path_buf();
-        let mut me = Self::start_in(path).await?;
+        let mut me = Self::start_in(path, false).await?;
+        me._owned_dir = Some(dir);
+        Ok(me)
+    }
+
+    /// Like [`Self::start`], with the ServiceAccount admission plugin on:
+    /// pods need their ServiceAccount to exist, and get its default token
+    /// volume (`kube-api-access-*`) as on a real cluster.
+    pub async fn start_with_service_account_admission() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("credbroker-apiserver-")
+            .tempdir()
+            .map_err(|e| Error::Io("creating the apiserver directory".into(), e))?;
+        let path = dir.path().to_path_buf();
+        let mut me = Self::start_in(path, true).await?;
         me._owned_dir = Some(dir);
         Ok(me)
     }
@@ -68,7 +82,7 @@ impl TestApiServer {
         SHARED
             .get_or_init(|| async {
                 let dir = crate::process_scratch_dir("apiserver").map_err(|e| e.to_string())?;
-                Self::start_in(dir)
+                Self::start_in(dir, false)
                     .await
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
@@ -80,11 +94,11 @@ impl TestApiServer {
 
     /// Starts etcd and kube-apiserver in `dir`, retrying with new ports when
     /// another process took a port between choosing it and binding it.
-    async fn start_in(dir: PathBuf) -> Result<Self> {
+    async fn start_in(dir: PathBuf, service_account_admission: bool) -> Result<Self> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once(&dir).await {
+            match Self::start_once(&dir, service_account_admission).await {
                 Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
                     continue;
                 }
@@ -93,7 +107,7 @@ impl TestApiServer {
         }
     }
 
-    async fn start_once(dir: &Path) -> Result<Self> {
+    async fn start_once(dir: &Path, service_account_admission: bool) -> Result<Self> {
         let spawn = ChildGuard::spawn;
         let dir = dir.to_path_buf();
         {
@@ -176,8 +190,12 @@ impl TestApiServer {
             .arg("--service-cluster-ip-range=10.96.0.0/24")
             .arg("--authorization-mode=RBAC")
             .arg("--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy")
-            .arg("--allow-privileged=true")
-            .arg("--disable-admission-plugins=ServiceAccount");
+            .arg("--allow-privileged=true");
+        if !service_account_admission {
+            // No service-account controller runs here, so no `default`
+            // ServiceAccount exists: the plugin would refuse most pods.
+            cmd.arg("--disable-admission-plugins=ServiceAccount");
+        }
         let apiserver = spawn("kube-apiserver", cmd)?;
 
         let kubeconfig = format!(
@@ -262,6 +280,39 @@ impl TestApiServer {
         let mut cmd = Command::new(&self.kubectl);
         cmd.arg("--kubeconfig").arg(&self.kubeconfig_path);
         cmd
+    }
+
+    /// `kubectl apply -f -` as admin, with `yaml` (or JSON) on stdin and
+    /// `extra` arguments after it (`--dry-run=server`, ...): stdout if
+    /// applied, stderr (what a user sees) if refused. Failing to run
+    /// kubectl at all is an `Err` too, saying so.
+    pub fn kubectl_apply(&self, yaml: &str, extra: &[&str]) -> std::result::Result<String, String> {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let mut child = self
+            .kubectl()
+            .args(["apply", "--request-timeout=30s", "-f", "-"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running kubectl: {e}"))?;
+        // Written, then closed (dropped) before waiting: kubectl reads to EOF.
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| "kubectl has no stdin".to_owned())?
+            .write_all(yaml.as_bytes())
+            .map_err(|e| format!("writing to kubectl: {e}"))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("waiting for kubectl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     /// A fresh admin client. Make one per test: a client lives on the tokio

@@ -1,39 +1,32 @@
-//! The service accounts' bindings, as the controller publishes them: a
-//! watch of the bindings ConfigMaps it labels as its own. Admission reads
-//! the cache, never the API server, so a pod's creation costs no API call
-//! and an API-server blip does not fail admissions.
+//! The service accounts' bindings, as admission needs them: a watch of the
+//! `CredentialBinding`s (their names and placeholder env vars only).
+//! Admission reads the cache, never the API server, so a pod's creation
+//! costs no API call and an API-server blip does not fail admissions.
 //!
-//! Only ConfigMaps with the controller's `app.kubernetes.io/managed-by`
-//! label are requested; the admission policy refuses writes to them by
-//! anyone but the controller (`webhook/deploy/admission-policy.yaml`).
+//! Why the bindings themselves and not the controller's ConfigMaps: a
+//! binding applied together with its pods (one chart, one GitOps sync)
+//! has its placeholder from the first pod on, without waiting for the
+//! controller to have written Vault; and reading CredentialBindings
+//! needs no right to read every ConfigMap in the cluster. A placeholder
+//! is not a secret: a binding no policy admits gets one, and the sidecar,
+//! which enforces only what the controller published, never swaps it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use credbroker_crds::config::SidecarBindings;
-use credbroker_crds::keys;
+use credbroker_crds::CredentialBinding;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
-/// What admission knows of one service account's bindings.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Lookup {
-    /// No ConfigMap: the account has no effective binding.
-    None,
-    Found(SidecarBindings),
-    /// A ConfigMap the sidecar could not read either: admission says so
-    /// rather than injecting placeholders that match nothing.
-    Invalid(String),
-}
+use crate::mutate::PodBinding;
 
-/// The cache of bindings ConfigMaps.
+/// The cache of CredentialBindings.
 #[derive(Clone)]
 pub struct BindingsCache {
-    store: Store<ConfigMap>,
+    store: Store<CredentialBinding>,
     synced: Arc<AtomicBool>,
 }
 
@@ -48,15 +41,17 @@ impl std::fmt::Debug for BindingsCache {
 impl BindingsCache {
     /// Starts the watch; it runs until `shutdown`.
     pub fn start(client: kube::Client, shutdown: CancellationToken) -> Self {
-        let (store, writer) = reflector::store::<ConfigMap>();
+        let (store, writer) = reflector::store::<CredentialBinding>();
         let synced = Arc::new(AtomicBool::new(false));
         let flag = synced.clone();
-        let config = watcher::Config::default().labels(&format!(
-            "app.kubernetes.io/managed-by={}",
-            keys::MANAGED_BY
-        ));
-        let stream = reflector::reflector(writer, watcher(Api::<ConfigMap>::all(client), config))
-            .default_backoff();
+        let stream = reflector::reflector(
+            writer,
+            watcher(
+                Api::<CredentialBinding>::all(client),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             loop {
@@ -67,11 +62,11 @@ impl BindingsCache {
                 match next {
                     Some(Ok(watcher::Event::InitDone)) => {
                         if !flag.swap(true, Ordering::Relaxed) {
-                            tracing::info!("bindings ConfigMaps listed; admitting pods");
+                            tracing::info!("CredentialBindings listed; admitting pods");
                         }
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => tracing::warn!("watching the bindings ConfigMaps: {e}"),
+                    Some(Err(e)) => tracing::warn!("watching CredentialBindings: {e}"),
                     None => return,
                 }
             }
@@ -79,36 +74,45 @@ impl BindingsCache {
         Self { store, synced }
     }
 
-    /// Whether the first list has arrived (readiness).
+    /// Whether the first list has arrived: until then, admission refuses
+    /// rather than inject a pod without its placeholders.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
     }
 
-    /// The bindings of `service_account` in `namespace`.
-    pub fn lookup(&self, namespace: &str, service_account: &str) -> Lookup {
-        let name = keys::bindings_configmap_name(service_account);
-        let Some(cm) = self.store.get(&ObjectRef::new(&name).within(namespace)) else {
-            return Lookup::None;
-        };
-        parse(&cm)
+    /// The bindings of `service_account` in `namespace`, oldest first.
+    pub fn lookup(&self, namespace: &str, service_account: &str) -> Vec<PodBinding> {
+        of_account(&self.store.state(), namespace, service_account)
     }
 }
 
-/// A bindings ConfigMap's content (pure).
-pub fn parse(cm: &ConfigMap) -> Lookup {
-    let name = cm.metadata.name.as_deref().unwrap_or_default();
-    match cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(keys::BINDINGS_CONFIGMAP_KEY))
-    {
-        None => Lookup::Invalid(format!(
-            "ConfigMap {name} has no {} key",
-            keys::BINDINGS_CONFIGMAP_KEY
-        )),
-        Some(json) => match SidecarBindings::from_json(json) {
-            Ok(bindings) => Lookup::Found(bindings),
-            Err(e) => Lookup::Invalid(format!("ConfigMap {name}: {e}")),
-        },
-    }
+/// The bindings of one account among `all` (pure), oldest first (then by
+/// name), the order in which the controller settles a placeholder-env
+/// conflict. Bindings being deleted are left out.
+pub fn of_account(
+    all: &[Arc<CredentialBinding>],
+    namespace: &str,
+    service_account: &str,
+) -> Vec<PodBinding> {
+    let mut mine: Vec<&CredentialBinding> = all
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|b| {
+            b.metadata.namespace.as_deref() == Some(namespace)
+                && b.spec.service_account_name == service_account
+                && b.metadata.deletion_timestamp.is_none()
+        })
+        .collect();
+    mine.sort_by_key(|b| {
+        (
+            b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            b.metadata.name.clone(),
+        )
+    });
+    mine.into_iter()
+        .map(|b| PodBinding {
+            id: b.metadata.name.clone().unwrap_or_default(),
+            placeholder: b.spec.placeholder.clone(),
+        })
+        .collect()
 }

@@ -4,9 +4,10 @@
 //! one certificate and key, swapped atomically, so rotation needs no
 //! restart. Two modes fill it:
 //!
-//! - **provided** ([`watch_provided`]): a mounted `tls.crt`/`tls.key` pair
-//!   (cert-manager or any other issuer). Loaded once at start (the webhook
-//!   does not start without it), then the files' *contents* are polled:
+//! - **provided** ([`load_provided`], then [`poll_provided`]; both in
+//!   [`watch_provided`]): a mounted `tls.crt`/`tls.key` pair (cert-manager
+//!   or any other issuer). Read and loaded once at start (the webhook does
+//!   not start without it), then the files' *contents* are polled:
 //!   Secret volumes change through a `..data` symlink swap, so mtimes say
 //!   nothing. A changed pair that does not parse or does not match (a
 //!   half-written update) is logged with the reason and the old pair keeps
@@ -84,6 +85,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -157,16 +159,47 @@ fn provider() -> &'static Arc<CryptoProvider> {
 // ---------------------------------------------------------------------------
 
 /// The certificate the webhook serves, swapped atomically (a rustls
-/// resolver: every handshake reads the current one).
+/// resolver: every handshake reads the current one). It counts its own
+/// loads, so whatever fills it (the provided files, the Secret) is seen in
+/// the metrics without each caller having to report.
 pub struct ServingCert {
     current: ArcSwapOption<CertifiedKey>,
+    loads_ok: AtomicU64,
+    loads_failed: AtomicU64,
+}
+
+/// How many pairs [`ServingCert`] was given, by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CertLoads {
+    /// Swapped in.
+    pub ok: u64,
+    /// Refused (the previous pair kept serving).
+    pub failed: u64,
 }
 
 impl ServingCert {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwapOption::empty(),
+            loads_ok: AtomicU64::new(0),
+            loads_failed: AtomicU64::new(0),
         })
+    }
+
+    /// The loads so far (for the metrics).
+    pub fn loads(&self) -> CertLoads {
+        CertLoads {
+            ok: self.loads_ok.load(Ordering::Relaxed),
+            failed: self.loads_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The served leaf's notAfter (for the expiry metric); `None` before
+    /// the first load.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        let current = self.current.load();
+        let leaf = current.as_ref()?.cert.first()?;
+        cert_fields(leaf.as_ref()).ok().map(|f| f.not_after)
     }
 
     /// Whether a certificate has been loaded (readiness).
@@ -190,9 +223,22 @@ impl ServingCert {
     /// EC or PKCS#1 RSA) and swaps them in. A bad pair leaves the current
     /// one in place and says what is wrong (never quoting the key).
     pub fn set_pem(&self, chain_pem: &str, key_pem: &str) -> Result<()> {
-        let key = certified_key(chain_pem, key_pem).map_err(Error::Certificate)?;
-        self.current.store(Some(Arc::new(key)));
-        Ok(())
+        self.load(chain_pem, key_pem).map_err(Error::Certificate)
+    }
+
+    /// [`Self::set_pem`], the error left for the caller to place.
+    fn load(&self, chain_pem: &str, key_pem: &str) -> std::result::Result<(), String> {
+        match certified_key(chain_pem, key_pem) {
+            Ok(key) => {
+                self.current.store(Some(Arc::new(key)));
+                self.loads_ok.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.loads_failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -273,10 +319,35 @@ pub struct ProvidedFiles {
     pub reload_interval: Duration,
 }
 
-/// Reads and loads the pair once. An error names both files and the problem.
-pub fn load_provided(files: &ProvidedFiles, serving: &ServingCert) -> Result<()> {
+impl ProvidedFiles {
+    /// Checks what the types cannot; errors name the flag.
+    fn validate(&self) -> Result<()> {
+        if self.reload_interval.is_zero() {
+            return Err(Error::Config(
+                "--cert-reload-interval must be more than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What [`load_provided`] loaded, for [`poll_provided`] to compare the
+/// files against (a digest only: no key material is kept).
+#[derive(Debug, Clone)]
+pub struct LoadedPair {
+    digest: Vec<u8>,
+}
+
+/// Reads and loads the pair once, at start. An error names the flag or
+/// both files, and the problem.
+pub fn load_provided(files: &ProvidedFiles, serving: &ServingCert) -> Result<LoadedPair> {
+    files.validate()?;
     let (cert, key) = read_pair(files)?;
-    load_pair(files, serving, &cert, &key)
+    load_pair(files, serving, &cert, &key)?;
+    info!(cert = %files.cert_file.display(), fingerprint = ?serving.fingerprint(), "loaded the serving certificate");
+    Ok(LoadedPair {
+        digest: pair_digest(&cert, &key),
+    })
 }
 
 fn read_pair(files: &ProvidedFiles) -> Result<(String, String)> {
@@ -291,37 +362,40 @@ fn read_pair(files: &ProvidedFiles) -> Result<(String, String)> {
 }
 
 fn load_pair(files: &ProvidedFiles, serving: &ServingCert, cert: &str, key: &str) -> Result<()> {
-    let loaded = certified_key(cert, key).map_err(|e| {
+    serving.load(cert, key).map_err(|e| {
         Error::Certificate(format!(
             "{} and {}: {e}",
             files.cert_file.display(),
             files.key_file.display()
         ))
-    })?;
-    serving.current.store(Some(Arc::new(loaded)));
-    Ok(())
+    })
 }
 
-/// Loads the pair (an `Err` if it cannot: the webhook must not start
-/// without a certificate), then polls the files' contents every
-/// `reload_interval` and swaps in a changed, valid pair. Returns `Ok` at
-/// shutdown.
+/// [`load_provided`], then [`poll_provided`]: an `Err` at once if the pair
+/// cannot be loaded (the webhook must not start without a certificate),
+/// `Ok` at shutdown.
 pub async fn watch_provided(
     files: ProvidedFiles,
     serving: Arc<ServingCert>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    if files.reload_interval.is_zero() {
-        return Err(Error::Config(
-            "the certificate reload interval must be more than zero".into(),
-        ));
-    }
-    let (cert, key) = read_pair(&files)?;
-    load_pair(&files, &serving, &cert, &key)?;
-    info!(cert = %files.cert_file.display(), fingerprint = ?serving.fingerprint(), "loaded the serving certificate");
+    let loaded = load_provided(&files, &serving)?;
+    poll_provided(files, serving, loaded, shutdown).await
+}
+
+/// Polls the files' contents every `reload_interval` and swaps in a
+/// changed, valid pair; `loaded` is what [`load_provided`] loaded, so the
+/// pair is read once at start, not twice. Returns `Ok` at shutdown.
+pub async fn poll_provided(
+    files: ProvidedFiles,
+    serving: Arc<ServingCert>,
+    loaded: LoadedPair,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    files.validate()?;
     // Only a digest of what was last tried is kept, so an invalid pair is
     // reported once, and retried as soon as either file changes again.
-    let mut last = pair_digest(&cert, &key);
+    let mut last = loaded.digest;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -396,35 +470,40 @@ impl SelfManaged {
     /// Checks what the types cannot; errors name the setting.
     pub fn validate(&self) -> Result<()> {
         let config = |m: String| Err(Error::Config(m));
-        for (what, value) in [
-            ("namespace", &self.namespace),
-            ("secret name", &self.secret_name),
-            ("webhook configuration name", &self.webhook_configuration),
+        for (flag, value) in [
+            ("--namespace", &self.namespace),
+            ("--tls-secret", &self.secret_name),
+            ("--webhook-configuration", &self.webhook_configuration),
         ] {
             if value.is_empty() {
                 return config(format!(
-                    "self-managed certificate: the {what} must not be empty"
+                    "self-managed certificate: {flag} must not be empty"
                 ));
             }
         }
         if self.dns_names.is_empty() {
-            return config("self-managed certificate: at least one DNS name is needed".into());
+            return config(
+                "self-managed certificate: at least one DNS name is needed (--service-name, \
+                 --extra-san)"
+                    .into(),
+            );
         }
         for name in &self.dns_names {
             if ServerName::try_from(name.as_str()).is_err() {
                 return config(format!(
-                    "self-managed certificate: {name:?} is neither a DNS name nor an IP address"
+                    "self-managed certificate: {name:?} (from --service-name, --namespace or \
+                     --extra-san) is neither a DNS name nor an IP address"
                 ));
             }
         }
         if self.check_interval.is_zero() {
             return config(
-                "self-managed certificate: the check interval must be more than zero".into(),
+                "self-managed certificate: --cert-check-interval must be more than zero".into(),
             );
         }
         if self.cert_validity > self.ca_validity {
             return config(format!(
-                "self-managed certificate: the certificate validity ({:?}) must not exceed the CA validity ({:?})",
+                "self-managed certificate: --cert-validity ({:?}) must not exceed --ca-validity ({:?})",
                 self.cert_validity, self.ca_validity
             ));
         }
@@ -432,7 +511,7 @@ impl SelfManaged {
         // to wait for the publication delay and the replicas' polls.
         if self.cert_validity <= 3 * settle(self) {
             return config(format!(
-                "self-managed certificate: the certificate validity ({:?}) must exceed 3 × (propagation delay + 2 × check interval) = {:?}",
+                "self-managed certificate: --cert-validity ({:?}) must exceed 3 × (--propagation-delay + 2 × --cert-check-interval) = {:?}",
                 self.cert_validity,
                 3 * settle(self)
             ));
@@ -2170,6 +2249,13 @@ mod tests {
         }
         serving.set_pem(&other_crt, &other_key).unwrap();
         assert_ne!(serving.fingerprint().unwrap(), loaded);
+        assert_eq!(
+            serving.loads(),
+            CertLoads {
+                ok: 2,
+                failed: cases.len() as u64
+            }
+        );
         let debug = format!("{serving:?}");
         assert!(
             debug.starts_with("ServingCert") && !debug.contains("key"),
@@ -2413,7 +2499,19 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = fast();
         s.check_interval = Duration::ZERO;
-        assert!(s.validate().is_err());
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--cert-check-interval")
+        );
+        let mut s = fast();
+        s.cert_validity = s.ca_validity + Duration::from_secs(1);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--cert-validity") && err.contains("--ca-validity"),
+            "{err}"
+        );
     }
 
     // -- provided files ----------------------------------------------------
@@ -2538,5 +2636,47 @@ mod tests {
         files.key_file = volume.dir.path().join("missing.key");
         let err = load_provided(&files, &serving).unwrap_err().to_string();
         assert!(err.contains("missing.key"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn provided_files_are_read_once_at_start_and_every_load_is_counted() {
+        let (crt1, key1, _) = pem_pair(&[DNS]);
+        let (crt2, key2, _) = pem_pair(&[DNS]);
+        let mut volume = SecretVolume::new(&crt1, &key1);
+        let serving = ServingCert::new();
+        assert_eq!(serving.loads(), CertLoads::default());
+        assert_eq!(serving.not_after(), None);
+        let loaded = load_provided(&volume.files(), &serving).unwrap();
+        assert_eq!(serving.loads(), CertLoads { ok: 1, failed: 0 });
+        let leaf = parse_certs(&crt1, "x").unwrap();
+        assert_eq!(
+            serving.not_after(),
+            Some(cert_fields(leaf[0].as_ref()).unwrap().not_after)
+        );
+
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(poll_provided(
+            volume.files(),
+            serving.clone(),
+            loaded,
+            shutdown.clone(),
+        ));
+        // The pair loaded at start is not loaded again by the poller.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(serving.loads(), CertLoads { ok: 1, failed: 0 });
+        // A mismatched pair is counted once (then only retried on change);
+        // the next good one is loaded.
+        volume.update(&crt2, &key1);
+        wait_for("the refused pair", || serving.loads().failed == 1).await;
+        volume.update(&crt2, &key2);
+        wait_for("the reload", || serving.loads().ok == 2).await;
+        assert_eq!(serving.loads().failed, 1);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+
+        let mut files = volume.files();
+        files.reload_interval = Duration::ZERO;
+        let err = load_provided(&files, &serving).unwrap_err().to_string();
+        assert!(err.contains("--cert-reload-interval"), "{err}");
     }
 }

@@ -7,7 +7,7 @@
 //! The decision is pure ([`mutate`]: pod, settings and the service
 //! account's bindings in, a JSON patch or a refusal out), where the golden
 //! tests live. Around it sit the I/O edges: [`bindings`] (a watch of the
-//! controller's bindings ConfigMaps), [`serve`] (AdmissionReview over
+//! `CredentialBinding`s), [`serve`] (AdmissionReview over
 //! HTTPS) and [`certs`] (the serving certificate: mounted, or self-managed).
 
 #![forbid(unsafe_code)]

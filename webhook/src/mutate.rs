@@ -15,7 +15,8 @@
 
 use std::collections::BTreeMap;
 
-use credbroker_crds::config::{PodPlaceholders, SidecarBindings};
+use credbroker_crds::PlaceholderSpec;
+use credbroker_crds::config::PodPlaceholders;
 use credbroker_crds::keys::{self, injected};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
@@ -85,6 +86,14 @@ pub struct Mutation {
     pub placeholders: BTreeMap<String, String>,
 }
 
+/// One binding of the pod's service account, as far as the pod is
+/// concerned: its id (the CredentialBinding's name) and its placeholder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodBinding {
+    pub id: String,
+    pub placeholder: PlaceholderSpec,
+}
+
 /// Draws a new placeholder with a prefix (the real one is
 /// [`credbroker_crds::config::generate_placeholder`]; the golden tests
 /// pass a deterministic one).
@@ -100,14 +109,13 @@ pub fn service_account(pod: &Pod) -> &str {
         .unwrap_or("default")
 }
 
-/// Whether the pod asks for injection: the annotation or the label
-/// `credbroker.dev/inject: "true"`.
-pub fn opted_in(pod: &Pod) -> bool {
-    let meta = &pod.metadata;
-    [meta.annotations.as_ref(), meta.labels.as_ref()]
-        .into_iter()
-        .flatten()
-        .any(|m| m.get(keys::INJECT).is_some_and(|v| v == "true"))
+/// Whether the pod (as JSON) asks for injection: the annotation or the
+/// label `credbroker.dev/inject: "true"`. Read from the JSON, so a pod that
+/// does not opt in is never held to this build's typed pod schema.
+pub fn opted_in(pod: &Value) -> bool {
+    ["annotations", "labels"]
+        .iter()
+        .any(|m| pod["metadata"][m][keys::INJECT] == "true")
 }
 
 /// Whether injection is ever allowed in a namespace.
@@ -115,12 +123,12 @@ pub fn namespace_allowed(namespace: &str, settings: &InjectSettings) -> bool {
     namespace != settings.broker_namespace && namespace != "kube-system"
 }
 
-/// Injects the broker into `pod`, or refuses it. `bindings` is the
-/// service account's bindings ConfigMap content (`None`: it has none).
+/// Injects the broker into `pod`, or refuses it. `bindings` are the
+/// service account's bindings, oldest first.
 pub fn mutate(
     pod_json: &Value,
     settings: &InjectSettings,
-    bindings: Option<&SidecarBindings>,
+    bindings: &[PodBinding],
     new_placeholder: &mut NewPlaceholder<'_>,
 ) -> Result<Mutation, Refusal> {
     let pod: Pod = serde_json::from_value(pod_json.clone()).map_err(|e| {
@@ -144,6 +152,10 @@ pub fn mutate(
     // then put in.
     let built = Built::new(settings, service_account(&pod));
     let already_injected = built.is_in(pod_json);
+    // A pod being created has no uid yet; one that carries a uid is a copy
+    // of a stored pod (`kubectl get -o yaml | kubectl create`, `debug
+    // --copy-to`), and gets placeholders of its own.
+    let is_copy = pod.metadata.uid.as_ref().is_some_and(|u| !u.is_empty());
     let mut warnings = Vec::new();
 
     // Placeholders: kept from an injected pod's annotation (so a second
@@ -157,29 +169,38 @@ pub fn mutate(
         .and_then(|json| PodPlaceholders::from_json(json).ok())
         .unwrap_or_default();
     let mut placeholders = BTreeMap::new();
-    let mut env_of_binding = Vec::new();
+    let mut env_of_binding: Vec<(String, String)> = Vec::new();
+    let mut placeholder_ids: Vec<String> = Vec::new();
     let sa = service_account(&pod).to_owned();
-    match bindings.filter(|b| !b.bindings.is_empty()) {
-        None => warnings.push(format!(
+    match bindings {
+        [] => warnings.push(format!(
             "service account {sa} has no credbroker bindings yet: the broker is injected, \
              but no placeholder is"
         )),
-        Some(bindings) => {
-            for binding in &bindings.bindings {
-                let Some(spec) = &binding.placeholder else {
+        bindings => {
+            for binding in bindings {
+                let spec = &binding.placeholder;
+                if let Some((_, other)) = env_of_binding
+                    .iter()
+                    .zip(&placeholder_ids)
+                    .find(|((env, _), _)| *env == spec.env)
+                {
+                    // The controller resolves such conflicts the same way
+                    // (the older binding wins; bindings come oldest first).
                     warnings.push(format!(
-                        "binding {}: no placeholder env in the bindings ConfigMap; skipped",
-                        binding.id
+                        "binding {}: placeholder env {} is already binding {other}'s; skipped",
+                        binding.id, spec.env
                     ));
                     continue;
-                };
+                }
                 let value = match recorded.0.get(&binding.id) {
-                    Some(kept) if already_injected => kept.clone(),
+                    Some(kept) if already_injected && !is_copy => kept.clone(),
                     _ => new_placeholder(spec.prefix.as_deref()).map_err(|e| {
                         refuse(format!("binding {}: no placeholder: {e}", binding.id))
                     })?,
                 };
                 env_of_binding.push((spec.env.clone(), value.clone()));
+                placeholder_ids.push(binding.id.clone());
                 placeholders.insert(binding.id.clone(), value);
             }
         }
@@ -215,7 +236,7 @@ pub fn mutate(
     let mut inits: Vec<Value> = built
         .inits
         .iter()
-        .map(|c| keep_if_covering(&existing_inits, c))
+        .map(|c| keep_if(&existing_inits, c, covers_container))
         .collect();
     for c in &user_inits {
         inits.push(agent_edit(c, &mut warnings));
@@ -241,7 +262,7 @@ pub fn mutate(
         built
             .volumes
             .iter()
-            .map(|v| keep_if_covering(&existing_volumes, v)),
+            .map(|v| keep_if(&existing_volumes, v, covers)),
     );
     out["spec"]["volumes"] = Value::Array(volumes);
     if keep_token {
@@ -270,7 +291,15 @@ pub fn mutate(
     }
     out["metadata"]["annotations"] = Value::Object(annotations);
 
-    let patch = diff(pod_json, &out);
+    if is_copy && let Some(meta) = out["metadata"].as_object_mut() {
+        // The API server gives every new pod a uid of its own; without the
+        // copied one, a second pass sees a pod being created.
+        meta.remove("uid");
+    }
+    let mut patch = diff(pod_json, &out);
+    if is_copy {
+        patch.push(json!({ "op": "remove", "path": "/metadata/uid" }));
+    }
     Ok(Mutation {
         pod: out,
         patch,
@@ -288,6 +317,7 @@ fn check_pod(pod: &Pod, settings: &InjectSettings) -> Result<(), Refusal> {
     for (field, on) in [
         ("hostNetwork", spec.host_network),
         ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
         ("shareProcessNamespace", spec.share_process_namespace),
     ] {
         if on == Some(true) {
@@ -296,6 +326,27 @@ fn check_pod(pod: &Pod, settings: &InjectSettings) -> Result<(), Refusal> {
                  traffic, or the sidecar's memory)"
             )));
         }
+    }
+    if let Some(os) = spec.os.as_ref().filter(|os| os.name != "linux") {
+        return Err(refuse(format!(
+            "pod: spec.os.name is {}; the broker runs on Linux only",
+            os.name
+        )));
+    }
+    // The node's files hold every other pod's tokens, the broker's among
+    // them. Injected namespaces cannot use Pod Security's baseline level
+    // (the init container needs NET_ADMIN), so this check stands in for it.
+    if let Some(v) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.is_some())
+    {
+        return Err(refuse(format!(
+            "volume {}: a hostPath volume; the node's files hold other pods' tokens, the \
+             broker's among them",
+            v.name
+        )));
     }
     let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
     if pod_uid == Some(settings.proxy_uid) {
@@ -342,6 +393,40 @@ fn check_pod(pod: &Pod, settings: &InjectSettings) -> Result<(), Refusal> {
                     at("securityContext.capabilities.add")
                 )));
             }
+            if ["SETUID", "SETGID"].contains(&cap.as_str()) {
+                return Err(refuse(format!(
+                    "{} adds {cap}; an agent with it can become the proxy UID, whose traffic \
+                     is never captured",
+                    at("securityContext.capabilities.add")
+                )));
+            }
+            if !ALLOWED_CAPABILITIES.contains(&cap.as_str()) && cap != "NET_RAW" {
+                return Err(refuse(format!(
+                    "{} adds {cap}, beyond Pod Security's baseline; an agent with it could \
+                     read or reach around the broker",
+                    at("securityContext.capabilities.add")
+                )));
+            }
+        }
+        if sc.and_then(|s| s.allow_privilege_escalation) == Some(true) {
+            return Err(refuse(format!(
+                "{} is true; a set-user-ID file could then make an agent the proxy UID, whose \
+                 traffic is never captured",
+                at("securityContext.allowPrivilegeEscalation")
+            )));
+        }
+        // Env from a file names a volume without mounting it.
+        if let Some(e) = c.env.iter().flatten().find(|e| {
+            e.value_from
+                .as_ref()
+                .and_then(|v| v.file_key_ref.as_ref())
+                .is_some_and(|f| injected::VOLUMES.contains(&f.volume_name.as_str()))
+        }) {
+            return Err(refuse(format!(
+                "{} {} reads a file of a broker volume; only the credbroker sidecar may",
+                at("env"),
+                e.name
+            )));
         }
         if sc.and_then(|s| s.run_as_user) == Some(settings.proxy_uid) {
             return Err(refuse(format!(
@@ -351,6 +436,16 @@ fn check_pod(pod: &Pod, settings: &InjectSettings) -> Result<(), Refusal> {
             )));
         }
         for m in c.volume_mounts.iter().flatten() {
+            if m.mount_path.trim_end_matches('/') == injected::TRUST_DIR
+                && m.name != injected::TRUST_VOLUME
+            {
+                return Err(refuse(format!(
+                    "{} mounts {} at {}, where the broker's trust bundle goes",
+                    at("volumeMounts"),
+                    m.name,
+                    injected::TRUST_DIR
+                )));
+            }
             // The trust bundle is the one broker volume agents read, and
             // the webhook mounts it itself.
             if injected::VOLUMES.contains(&m.name.as_str())
@@ -387,6 +482,28 @@ fn check_pod(pod: &Pod, settings: &InjectSettings) -> Result<(), Refusal> {
     }
     Ok(())
 }
+
+/// The capabilities an agent container may add: Pod Security's baseline
+/// list, less SETUID and SETGID (a root agent with them becomes the proxy
+/// UID and GID, whose traffic is never captured) and NET_RAW (taken back).
+const ALLOWED_CAPABILITIES: [&str; 11] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETPCAP",
+    "SYS_CHROOT",
+];
+
+/// What every agent container has dropped: the packet filter's
+/// capabilities, raw sockets, and changing user or group (to the proxy
+/// UID and GID, whose traffic is never captured).
+const DROPPED_CAPABILITIES: [&str; 4] = ["NET_ADMIN", "NET_RAW", "SETUID", "SETGID"];
 
 fn is_trust_mount(m: &VolumeMount) -> bool {
     m.mount_path == injected::TRUST_DIR && m.read_only == Some(true) && m.sub_path.is_none()
@@ -455,8 +572,8 @@ impl Built {
             .map(Vec::as_slice)
             .unwrap_or_default();
         inits.len() >= 2
-            && covers(&inits[0], &self.inits[0])
-            && covers(&inits[1], &self.inits[1])
+            && covers_container(&inits[0], &self.inits[0])
+            && covers_container(&inits[1], &self.inits[1])
             && self
                 .volumes
                 .iter()
@@ -464,34 +581,41 @@ impl Built {
     }
 }
 
-/// The fields the API server defaults in what the webhook builds.
-const DEFAULTED_FIELDS: [&str; 10] = [
-    "terminationMessagePath",
-    "terminationMessagePolicy",
-    "imagePullPolicy",
-    "successThreshold",
-    "timeoutSeconds",
-    "periodSeconds",
-    "failureThreshold",
-    "scheme",
-    "defaultMode",
-    "apiVersion",
-];
+/// The fields the API server defaults in what the webhook builds, with
+/// the values it defaults them to. Only these may appear in a stored
+/// broker container or volume beyond what the webhook wrote.
+fn is_default(key: &str, value: &Value) -> bool {
+    match key {
+        "terminationMessagePath" => value == "/dev/termination-log",
+        "terminationMessagePolicy" => value == "File",
+        // IfNotPresent, or Always for a `:latest` or untagged image.
+        "imagePullPolicy" => value == "IfNotPresent" || value == "Always",
+        "successThreshold" => value == 1,
+        "timeoutSeconds" => value == 1,
+        "periodSeconds" => value == 10,
+        "failureThreshold" => value == 3,
+        "scheme" => value == "HTTP",
+        "defaultMode" => value == 420,
+        "apiVersion" => value == "v1",
+        _ => false,
+    }
+}
 
-/// Whether `have` is `want` plus, at most, what the API server defaults.
+/// Whether `have` is `want` plus, at most, the API server's defaults.
 /// It fills in defaults (`terminationMessagePath`, a volume's
 /// `defaultMode`, a field reference's `apiVersion`) after the webhook's
 /// patch, so what it stores is a superset of what was built; it never
 /// changes a value that was set. Any other extra field (an `envFrom`, a
-/// `lifecycle` hook, another mount) means the item is not ours.
+/// `lifecycle` hook, another mount), or a default with another value,
+/// means the item is not ours.
 pub fn covers(have: &Value, want: &Value) -> bool {
     match (have, want) {
         (Value::Object(have), Value::Object(want)) => {
             want.iter()
                 .all(|(k, w)| have.get(k).is_some_and(|h| covers(h, w)))
                 && have
-                    .keys()
-                    .all(|k| want.contains_key(k) || DEFAULTED_FIELDS.contains(&k.as_str()))
+                    .iter()
+                    .all(|(k, v)| want.contains_key(k) || is_default(k, v))
         }
         (Value::Array(have), Value::Array(want)) => {
             have.len() == want.len() && have.iter().zip(want).all(|(h, w)| covers(h, w))
@@ -500,13 +624,28 @@ pub fn covers(have: &Value, want: &Value) -> bool {
     }
 }
 
-/// The existing item of the same name when it covers `built` (so the
-/// defaults the API server added stay and a second pass changes
-/// nothing), else `built`.
-fn keep_if_covering(existing: &[Value], built: &Value) -> Value {
+/// [`covers`] for a broker container, whose `resources` are the one part
+/// kept as found: the API server rewrites quantities (`0.05` to `50m`) and
+/// copies limits into missing requests, and no resource setting widens
+/// what the container can do.
+fn covers_container(have: &Value, want: &Value) -> bool {
+    let without = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("resources");
+        }
+        v
+    };
+    covers(&without(have), &without(want))
+}
+
+/// The existing item of the same name when `same` says it is what was
+/// built (so the defaults the API server added stay and a second pass
+/// changes nothing), else `built`.
+fn keep_if(existing: &[Value], built: &Value, same: fn(&Value, &Value) -> bool) -> Value {
     existing
         .iter()
-        .find(|have| name_of(have) == name_of(built) && covers(have, built))
+        .find(|have| name_of(have) == name_of(built) && same(have, built))
         .unwrap_or(built)
         .clone()
 }
@@ -526,22 +665,39 @@ fn edit_agent(
     let mut env = c["env"].as_array().cloned().unwrap_or_default();
     for (var, value) in placeholders {
         let ours = json!({ "name": var, "value": value });
-        match env.iter().position(|e| e["name"] == json!(var)) {
-            Some(i) if env[i] == ours => {}
-            Some(i) => {
-                warnings.push(format!(
-                    "container {name}: env {var} is set by the pod; credbroker replaced it with \
-                     the binding's placeholder"
-                ));
-                env[i] = ours;
-            }
-            None => env.push(ours),
+        let same_name = |e: &Value| e["name"] == json!(var);
+        // Kubernetes takes the last of several entries of one name: every
+        // one goes, so none of the pod's own can win over the placeholder.
+        if env.iter().filter(|e| same_name(e)).count() == 1 && env.contains(&ours) {
+            continue;
         }
+        if env.iter().any(same_name) {
+            warnings.push(format!(
+                "container {name}: env {var} is set by the pod; credbroker replaced it with \
+                 the binding's placeholder"
+            ));
+            env.retain(|e| !same_name(e));
+        }
+        env.push(ours);
     }
     for (var, value) in trust_variables() {
-        if !env.iter().any(|e| e["name"] == json!(var)) {
+        let Some(i) = env.iter().position(|e| e["name"] == json!(var)) else {
             env.push(json!({ "name": var, "value": value }));
+            continue;
+        };
+        let theirs = env[i]["value"].as_str().unwrap_or_default().to_owned();
+        if theirs == value || (var == "JAVA_TOOL_OPTIONS" && theirs.ends_with(&value)) {
+            continue;
         }
+        if var == "JAVA_TOOL_OPTIONS" && !theirs.contains("-Djavax.net.ssl.trustStore") {
+            // JVM options add up: the truststore joins the pod's own.
+            env[i] = json!({ "name": var, "value": format!("{theirs} {value}") });
+            continue;
+        }
+        warnings.push(format!(
+            "container {name}: env {var} is set by the pod and kept; unless what it names \
+             trusts credbroker's pod CA ({value}), TLS to bound hosts fails from this container"
+        ));
     }
     c["env"] = Value::Array(env);
 
@@ -601,12 +757,17 @@ fn edit_agent(
             d == cap || d == "ALL"
         })
     };
-    for cap in ["NET_ADMIN", "NET_RAW"] {
+    for cap in DROPPED_CAPABILITIES {
         if !dropped(&drop, cap) {
             drop.push(Value::String(cap.into()));
         }
     }
     caps["drop"] = Value::Array(drop);
+    // no_new_privs: set-user-ID and file-capability bits stop working, so
+    // no file an agent writes can make it the proxy UID.
+    if c["securityContext"]["allowPrivilegeEscalation"].is_null() {
+        c["securityContext"]["allowPrivilegeEscalation"] = Value::Bool(false);
+    }
     c
 }
 
@@ -905,4 +1066,62 @@ pub fn broker_volumes(settings: &InjectSettings, service_account: &str) -> Vec<V
         memory_dir(injected::TRUST_VOLUME, "8Mi"),
         memory_dir(injected::XTABLES_VOLUME, "1Mi"),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covers_allows_only_the_api_servers_defaults() {
+        let built = json!({ "name": "c", "image": "i", "env": [ { "name": "A", "value": "1" } ] });
+        let defaulted = json!({ "name": "c", "image": "i", "env": [ { "name": "A", "value": "1" } ],
+            "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File" });
+        assert!(covers(&defaulted, &built));
+        for (what, have) in [
+            (
+                "an envFrom",
+                json!({ "name": "c", "image": "i", "env": [ { "name": "A", "value": "1" } ],
+                "envFrom": [ { "configMapRef": { "name": "x" } } ] }),
+            ),
+            (
+                "a default with another value",
+                json!({ "name": "c", "image": "i",
+                "env": [ { "name": "A", "value": "1" } ],
+                "terminationMessagePath": "/var/run/secrets/credbroker/token" }),
+            ),
+            (
+                "another env entry",
+                json!({ "name": "c", "image": "i",
+                "env": [ { "name": "A", "value": "1" }, { "name": "B", "value": "2" } ] }),
+            ),
+            (
+                "another image",
+                json!({ "name": "c", "image": "j", "env": [ { "name": "A", "value": "1" } ] }),
+            ),
+            (
+                "a missing field",
+                json!({ "name": "c", "env": [ { "name": "A", "value": "1" } ] }),
+            ),
+        ] {
+            assert!(!covers(&have, &built), "{what} was taken for ours");
+        }
+        // Only a container's resources are kept as found.
+        let with = |r: Value| json!({ "name": "c", "resources": r });
+        assert!(covers_container(
+            &with(json!({ "requests": { "cpu": "50m" }, "limits": { "cpu": "50m" } })),
+            &with(json!({ "limits": { "cpu": "0.05" } }))
+        ));
+        assert!(!covers(
+            &with(json!({ "requests": { "cpu": "50m" } })),
+            &with(json!({ "requests": { "cpu": "0.05" } }))
+        ));
+    }
+
+    #[test]
+    fn capabilities_are_compared_in_every_spelling() {
+        for spelling in ["NET_ADMIN", "net_admin", "CAP_NET_ADMIN", " cap_net_admin "] {
+            assert_eq!(normalize_capability(spelling), "NET_ADMIN", "{spelling}");
+        }
+    }
 }

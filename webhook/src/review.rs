@@ -11,8 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::bindings::Lookup;
-use crate::mutate::{self, NewPlaceholder};
+use crate::mutate::{self, NewPlaceholder, PodBinding};
 use crate::settings::InjectSettings;
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +120,7 @@ fn malformed(detail: String) -> Answer {
 pub fn review(
     body: &[u8],
     settings: &InjectSettings,
-    lookup: &dyn Fn(&str, &str) -> Lookup,
+    lookup: &dyn Fn(&str, &str) -> Vec<PodBinding>,
     new_placeholder: &mut NewPlaceholder<'_>,
 ) -> Answer {
     let review: Review = match serde_json::from_slice(body) {
@@ -131,10 +130,15 @@ pub fn review(
     if review.api_version.as_deref() != Some("admission.k8s.io/v1")
         || review.kind.as_deref() != Some("AdmissionReview")
     {
+        // Whatever the client sent, bounded and escaped for the log.
+        let shown = |v: Option<&str>, none: &str| match v {
+            Some(v) => format!("{:?}", v.chars().take(64).collect::<String>()),
+            None => none.to_owned(),
+        };
         return malformed(format!(
             "expected admission.k8s.io/v1 AdmissionReview, got {} {}",
-            review.api_version.as_deref().unwrap_or("no apiVersion"),
-            review.kind.as_deref().unwrap_or("no kind")
+            shown(review.api_version.as_deref(), "no apiVersion"),
+            shown(review.kind.as_deref(), "no kind")
         ));
     }
     let Some(request) = review.request else {
@@ -170,6 +174,14 @@ pub fn review(
             pod: String::new(),
         };
     };
+    if !mutate::opted_in(object) {
+        return Answer {
+            body: Some(respond(allow(Vec::new()))),
+            outcome: Outcome::Skipped,
+            detail: "not opted in".into(),
+            pod: String::new(),
+        };
+    }
     let pod: Pod = match serde_json::from_value(object.clone()) {
         Ok(p) => p,
         Err(e) => {
@@ -193,14 +205,6 @@ pub fn review(
             .or_else(|| pod.metadata.generate_name.clone().map(|g| format!("{g}*")))
             .unwrap_or_default()
     );
-    if !mutate::opted_in(&pod) {
-        return Answer {
-            body: Some(respond(allow(Vec::new()))),
-            outcome: Outcome::Skipped,
-            detail: "not opted in".into(),
-            pod: pod_name,
-        };
-    }
     if !mutate::namespace_allowed(&namespace, settings) {
         return Answer {
             body: Some(respond(allow(vec![format!(
@@ -213,23 +217,8 @@ pub fn review(
         };
     }
     let service_account = mutate::service_account(&pod).to_owned();
-    let bindings = match lookup(&namespace, &service_account) {
-        Lookup::None => None,
-        Lookup::Found(b) => Some(b),
-        Lookup::Invalid(reason) => {
-            let message = format!(
-                "the bindings of service account {service_account} cannot be read ({reason}); \
-                 the sidecar could not start"
-            );
-            return Answer {
-                body: Some(respond(deny(&request.uid, message.clone()))),
-                outcome: Outcome::Refused,
-                detail: message,
-                pod: pod_name,
-            };
-        }
-    };
-    match mutate::mutate(object, settings, bindings.as_ref(), new_placeholder) {
+    let bindings = lookup(&namespace, &service_account);
+    match mutate::mutate(object, settings, &bindings, new_placeholder) {
         Err(refusal) => Answer {
             body: Some(respond(deny(&request.uid, refusal.message.clone()))),
             outcome: Outcome::Refused,
@@ -244,7 +233,20 @@ pub fn review(
             };
             let mut response = allow(mutation.warnings);
             if !mutation.patch.is_empty() {
-                let patch = serde_json::to_vec(&mutation.patch).unwrap_or_default();
+                let patch = match serde_json::to_vec(&mutation.patch) {
+                    Ok(patch) => patch,
+                    // Never an empty patch in its place: that would admit
+                    // the pod without the broker.
+                    Err(e) => {
+                        let message = format!("the patch could not be encoded: {e}");
+                        return Answer {
+                            body: Some(respond(deny(&request.uid, message.clone()))),
+                            outcome: Outcome::Refused,
+                            detail: message,
+                            pod: pod_name,
+                        };
+                    }
+                };
                 response.patch = Some(base64::engine::general_purpose::STANDARD.encode(patch));
                 response.patch_type = Some("JSONPatch");
             }
@@ -350,12 +352,7 @@ mod tests {
             n += 1;
             Ok(format!("{}{:0>26}", p.unwrap_or(""), n))
         };
-        review(
-            body,
-            &settings(),
-            &|_, _| Lookup::None,
-            &mut gen_placeholder,
-        )
+        review(body, &settings(), &|_, _| Vec::new(), &mut gen_placeholder)
     }
 
     #[test]

@@ -195,6 +195,10 @@ pub struct Args {
     pub lease_renew_deadline: Duration,
     #[arg(long, value_parser = duration, default_value = "2s")]
     pub lease_retry_period: Duration,
+    /// After SIGTERM, how long to keep serving while not ready, so the
+    /// Service's endpoints drop this replica before it stops listening.
+    #[arg(long, env = "CREDBROKER_SHUTDOWN_DELAY", value_parser = duration, default_value = "5s")]
+    pub shutdown_delay: Duration,
 }
 
 impl Args {
@@ -256,12 +260,7 @@ impl Args {
             format!("{svc}.{ns}.svc"),
         ];
         dns_names.extend(self.extra_sans.iter().cloned());
-        if self.cert_validity >= self.ca_validity {
-            return Err(Error::Config(
-                "--cert-validity must be shorter than --ca-validity".into(),
-            ));
-        }
-        Ok(SelfManaged {
+        let settings = SelfManaged {
             namespace: ns.clone(),
             secret_name: self.tls_secret.clone(),
             webhook_configuration: self.webhook_configuration.clone(),
@@ -278,11 +277,18 @@ impl Args {
                 renew_deadline: self.lease_renew_deadline,
                 retry_period: self.lease_retry_period,
             },
-        })
+        };
+        // Here, not only when the certificate task starts: a wrong flag
+        // stops the webhook before it listens.
+        settings.validate()?;
+        Ok(settings)
     }
 }
 
-/// Runs the webhook until SIGTERM.
+/// Runs the webhook until SIGTERM, then stops in order: not ready; still
+/// serving for `--shutdown-delay` while the endpoints drop this replica;
+/// no new connections, and the open ones closed once their requests are
+/// answered; the certificate task stopped (the lease handed over).
 pub async fn run(args: Args) -> Result<()> {
     let settings = args.inject_settings()?;
     let self_managed = match args.cert_mode {
@@ -292,8 +298,13 @@ pub async fn run(args: Args) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .map_err(Error::kube("connecting to the API server"))?;
+    // Each stops at its own step of the shutdown; `shutdown` (the admin
+    // port, the bindings watch) last.
     let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
+    let stop_serving = shutdown.child_token();
+    let stop_certs = shutdown.child_token();
+    let serving = ServingCert::new();
+    let metrics = Arc::new(Metrics::new(serving.clone()));
     let health = Arc::new(Health::default());
 
     let admin_listener = TcpListener::bind(args.admin_addr)
@@ -306,7 +317,6 @@ pub async fn run(args: Args) -> Result<()> {
         shutdown.clone(),
     ));
 
-    let serving = ServingCert::new();
     let mut cert_task = match self_managed {
         None => {
             let files = ProvidedFiles {
@@ -315,20 +325,21 @@ pub async fn run(args: Args) -> Result<()> {
                 reload_interval: args.cert_reload_interval,
             };
             // A webhook without a certificate cannot answer: stop here,
-            // naming the file.
-            certs::load_provided(&files, &serving)?;
-            metrics.certificate_loaded(true);
-            tokio::spawn(certs::watch_provided(
+            // naming the file. The pair read here is the one the poller
+            // starts from.
+            let loaded = certs::load_provided(&files, &serving)?;
+            tokio::spawn(certs::poll_provided(
                 files,
                 serving.clone(),
-                shutdown.clone(),
+                loaded,
+                stop_certs.clone(),
             ))
         }
         Some(self_managed) => tokio::spawn(certs::run_self_managed(
             client.clone(),
             self_managed,
             serving.clone(),
-            shutdown.clone(),
+            stop_certs.clone(),
         )),
     };
 
@@ -342,19 +353,17 @@ pub async fn run(args: Args) -> Result<()> {
         .await
         .map_err(Error::io(format!("--listen {}", args.listen)))?;
     let tls = serve::tls_config(serving.clone())?;
-    tokio::spawn(serve::serve(listener, tls, admitter, shutdown.clone()));
+    let mut server = tokio::spawn(serve::serve(listener, tls, admitter, stop_serving.clone()));
     tracing::info!(listen = %args.listen, admin = %args.admin_addr, mode = ?args.cert_mode, "serving admission reviews");
 
     // Ready once the certificate is loaded and the bindings listed.
     let readiness = {
-        let (health, serving, shutdown) = (health.clone(), serving.clone(), shutdown.clone());
+        let (health, serving) = (health.clone(), serving.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => health.set_ready(serving.is_loaded() && bindings.is_synced()),
-                }
+                tick.tick().await;
+                health.set_ready(serving.is_loaded() && bindings.is_synced());
             }
         })
     };
@@ -366,16 +375,52 @@ pub async fn run(args: Args) -> Result<()> {
             Ok(Err(e)) => Err(e),
             Err(e) => Err(Error::Certificate(format!("the certificate task failed: {e}"))),
         }, true),
+        // It returns only once told to: anything else is a panic.
+        ended = &mut server => (Err(Error::io(format!("--listen {}", args.listen))(
+            std::io::Error::other(format!(
+                "the HTTPS server stopped unexpectedly{}",
+                ended.err().map(|e| format!(": {e}")).unwrap_or_default()
+            )),
+        )), false),
     };
-    // Not ready first, so the Service stops sending reviews here; then a
-    // moment for those in flight.
-    health.set_ready(false);
-    readiness.abort();
-    shutdown.cancel();
-    // The self-managed task releases its lease on shutdown.
-    if !cert_task_ended {
-        let _ = tokio::time::timeout(Duration::from_secs(5), cert_task).await;
+    match &result {
+        Ok(()) => {
+            tracing::info!(delay = ?args.shutdown_delay, "shutting down: not ready; still serving while the endpoints update")
+        }
+        Err(e) => tracing::error!(delay = ?args.shutdown_delay, "shutting down: {e}"),
     }
+    // The ticker stopped for good first (awaited: an abort takes effect at
+    // its next await), so nothing sets ready again.
+    readiness.abort();
+    let _ = readiness.await;
+    health.set_ready(false);
+    // Endpoints drop a replica only after its readiness fails and the
+    // change reaches every node; reviews sent here meanwhile are answered.
+    tokio::time::sleep(args.shutdown_delay).await;
+    // Then the listener closes and each connection is shut down
+    // gracefully; serve returns once they are closed, or after its drain.
+    stop_serving.cancel();
+    if !server.is_finished()
+        && tokio::time::timeout(serve::DRAIN_TIMEOUT + Duration::from_secs(1), &mut server)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the HTTPS server did not stop within its drain; exiting anyway");
+    }
+    // The certificate task last, while nothing is served: the
+    // self-managed one hands its lease over, which takes up to the renew
+    // deadline (past it, the lease is left to expire).
+    stop_certs.cancel();
+    if !cert_task_ended
+        && tokio::time::timeout(args.lease_renew_deadline, cert_task)
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "the certificate task did not stop within --lease-renew-deadline; exiting anyway"
+        );
+    }
+    shutdown.cancel();
     result
 }
 

@@ -76,11 +76,21 @@ impl InjectSettings {
             )));
         }
         // UID 0 would exempt root, so every root process escapes capture.
-        if self.proxy_uid <= 0 || self.proxy_gid <= 0 {
+        let id_range = 1..=i64::from(u32::MAX);
+        if !id_range.contains(&self.proxy_uid) || !id_range.contains(&self.proxy_gid) {
             return Err(Error::Config(
-                "--proxy-uid and --proxy-gid must be positive (0 would exempt root from capture)"
+                "--proxy-uid and --proxy-gid must be 1-4294967295 (0 would exempt root from \
+                 capture)"
                     .into(),
             ));
+        }
+        if self.exclude_ports.contains(&0) {
+            return Err(Error::Config("--exclude-port 0 is not a port".into()));
+        }
+        // Checked here, not first in every pod's init container.
+        for cidr in &self.exclude_cidrs {
+            valid_cidr(cidr)
+                .map_err(|why| Error::Config(format!("--exclude-cidr {cidr:?}: {why}")))?;
         }
         if self.proxy_port == 0 || self.admin_port == 0 || self.proxy_port == self.admin_port {
             return Err(Error::Config(
@@ -112,6 +122,20 @@ impl InjectSettings {
     }
 }
 
+/// `address/prefix`, IPv4 or IPv6, with the prefix in range.
+fn valid_cidr(text: &str) -> std::result::Result<(), String> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or("expected address/prefix, e.g. 10.0.0.0/8")?;
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| "not an IP address")?;
+    let prefix: u8 = prefix.parse().map_err(|_| "the prefix is not a number")?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(format!("the prefix must be 0-{max}"));
+    }
+    Ok(())
+}
+
 /// Requests and limits from `cpu=100m,memory=64Mi`-style lists.
 pub fn resource_list(flag: &str, text: &str) -> Result<Option<BTreeMap<String, Quantity>>> {
     let mut out = BTreeMap::new();
@@ -138,4 +162,30 @@ pub fn resource_list(flag: &str, text: &str) -> Result<Option<BTreeMap<String, Q
         out.insert(name.to_owned(), Quantity(value.to_owned()));
     }
     Ok((!out.is_empty()).then_some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_resource_lists_are_checked() {
+        for good in ["10.0.0.0/8", "fd00::/8", "192.168.1.1/32", "::/0"] {
+            assert!(valid_cidr(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "host/8",
+            "10.0.0.0/x",
+        ] {
+            assert!(valid_cidr(bad).is_err(), "{bad}");
+        }
+        let list = resource_list("--sidecar-requests", "cpu=50m, memory=32Mi").unwrap();
+        assert_eq!(list.map(|l| l.len()), Some(2));
+        for bad in ["cpu", "gpu=1", "cpu=-1", "memory=1 Gi"] {
+            assert!(resource_list("--sidecar-requests", bad).is_err(), "{bad}");
+        }
+    }
 }

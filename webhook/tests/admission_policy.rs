@@ -1,45 +1,168 @@
-//! The admission policy (`deploy/admission-policy.yaml`, with the example
-//! parameters of `deploy/admission-params.yaml`) against a real
-//! kube-apiserver + etcd, as a user meets it: pods go in through the real
+//! The admission policies (`deploy/admission-policy.yaml`,
+//! `deploy/bindings-configmap-policy.yaml`) against a real kube-apiserver +
+//! etcd, as a user meets them: pods and ConfigMaps go in through the real
 //! `kubectl apply -f -`, whose stderr must carry the policy's message, and
 //! ephemeral containers through the `pods/ephemeralcontainers` subresource,
-//! whose API error must. One API server for every case; each test works in
-//! its own namespace.
+//! whose API error must. The policies are applied as written; the cases
+//! take the audience, images and proxy UID from the policy's own settings
+//! variables, so they follow the file, not a copy of it. One API server for
+//! every case; each test works in its own namespace. The upgrade test
+//! renders the settings as the chart does during an upgrade, on an API
+//! server of its own.
 //!
 //! The API server runs no ServiceAccount admission plugin, so pods need no
 //! real service account, and no kubelet, so no pod ever runs: admission is
 //! all there is to see.
+//!
+//! The drift test needs no API server: the names and values in the YAML
+//! match what the webhook injects and its defaults.
 
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use credbroker_crds::keys::{self, injected};
 use credbroker_test_support::apiserver::{Cluster, TestApiServer};
-use credbroker_test_support::{Failure, TestResult, run, wait_until};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use credbroker_test_support::{Failure, TestResult, wait_until};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
 
 const BROKER_NS: &str = "credbroker-system";
 const POLICY: &str = "credbroker-broker-token";
-const PARAMS: &str = "credbroker-admission";
+const BINDINGS_POLICY: &str = "credbroker-bindings-configmaps";
 /// How long a new policy may take to become effective.
 const EFFECTIVE_WITHIN: Duration = Duration::from_secs(30);
 
-/// The policy's parameters, as the API server stored them from the
-/// example file (so the cases follow the file, not a copy of it).
-#[derive(Clone)]
+fn deploy(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file)
+}
+
+fn read_deploy(file: &str) -> TestResult<String> {
+    std::fs::read_to_string(deploy(file)).map_err(|e| Failure(format!("reading {file}: {e}")))
+}
+
+// ---------------------------------------------------------------------------
+// The policies' settings: the literal CEL values at the top of their
+// `spec.variables`, the lines the chart templates.
+
+/// The YAML documents of a deploy file.
+fn documents(text: &str) -> TestResult<Vec<Value>> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).map_err(|e| Failure(format!("YAML: {e}"))))
+        .collect()
+}
+
+/// The ValidatingAdmissionPolicy `name` in `file`, and its variables
+/// (name to expression).
+fn policy(file: &str, name: &str) -> TestResult<(Value, BTreeMap<String, String>)> {
+    let doc = documents(&read_deploy(file)?)?
+        .into_iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy" && d["metadata"]["name"] == name)
+        .ok_or_else(|| Failure(format!("{file} has no ValidatingAdmissionPolicy {name}")))?;
+    let variables = variables_of(&doc);
+    Ok((doc, variables))
+}
+
+/// A policy's `spec.variables`, name to expression.
+fn variables_of(policy: &Value) -> BTreeMap<String, String> {
+    policy["spec"]["variables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            Some((
+                v["name"].as_str()?.to_owned(),
+                v["expression"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn variable<'a>(vars: &'a BTreeMap<String, String>, name: &str) -> TestResult<&'a str> {
+    vars.get(name)
+        .map(|e| e.trim())
+        .ok_or_else(|| Failure(format!("the policy has no variable {name}")))
+}
+
+/// A CEL string literal in single quotes, with no quote or escape inside:
+/// all the chart renders.
+fn cel_string(expr: &str) -> TestResult<String> {
+    expr.strip_prefix('\'')
+        .and_then(|s| s.strip_suffix('\''))
+        .filter(|s| !s.contains(['\'', '"', '\\']))
+        .map(str::to_owned)
+        .ok_or_else(|| Failure(format!("{expr:?} is not a plain CEL string literal")))
+}
+
+/// A CEL list literal of such strings.
+fn cel_strings(expr: &str) -> TestResult<Vec<String>> {
+    let inner = expr
+        .trim()
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .ok_or_else(|| Failure(format!("{expr:?} is not a CEL list literal")))?;
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(cel_string)
+        .collect()
+}
+
+fn cel_int(expr: &str) -> TestResult<i64> {
+    expr.parse()
+        .map_err(|e| Failure(format!("{expr:?} is not a CEL int literal: {e}")))
+}
+
+/// The broker-token policy's settings, as the file (or a rendering of it)
+/// gives them.
+#[derive(Clone, Debug)]
 struct Params {
+    broker_namespace: String,
     audience: String,
-    sidecar_image: String,
-    init_image: String,
+    sidecar_images: Vec<String>,
+    init_images: Vec<String>,
     proxy_uid: i64,
 }
 
-/// The shared API server with the namespaces, the parameters and the
-/// policy installed, and the policy in force.
+impl Params {
+    fn parse(vars: &BTreeMap<String, String>) -> TestResult<Self> {
+        let p = Self {
+            broker_namespace: cel_string(variable(vars, "brokerNamespace")?)?,
+            audience: cel_string(variable(vars, "audience")?)?,
+            sidecar_images: cel_strings(variable(vars, "sidecarImages")?)?,
+            init_images: cel_strings(variable(vars, "initImages")?)?,
+            proxy_uid: cel_int(variable(vars, "proxyUID")?)?,
+        };
+        if p.sidecar_images.is_empty() || p.init_images.is_empty() || p.audience.is_empty() {
+            return Err(Failure(format!("empty settings: {p:?}")));
+        }
+        Ok(p)
+    }
+
+    fn from_file() -> TestResult<Self> {
+        Self::parse(&policy("admission-policy.yaml", POLICY)?.1)
+    }
+
+    /// The image a webhook with these settings injects (the first).
+    fn sidecar_image(&self) -> &str {
+        &self.sidecar_images[0]
+    }
+    fn init_image(&self) -> &str {
+        &self.init_images[0]
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Installing the policies.
+
+/// The shared API server with the namespaces and both policies installed
+/// as written, and in force.
 async fn setup() -> TestResult<(Arc<TestApiServer>, Params)> {
     static INSTALLED: tokio::sync::OnceCell<Result<Params, String>> =
         tokio::sync::OnceCell::const_new();
@@ -47,82 +170,91 @@ async fn setup() -> TestResult<(Arc<TestApiServer>, Params)> {
     let params = INSTALLED
         .get_or_init(|| {
             let server = server.clone();
-            async move { install(&server).await.map_err(|e| e.0) }
+            async move {
+                eprintln!("kube-apiserver + etcd started in {:?}", server.startup);
+                let token = read_deploy("admission-policy.yaml").map_err(|e| e.0)?;
+                let bindings = read_deploy("bindings-configmap-policy.yaml").map_err(|e| e.0)?;
+                install(&server, &token, Some(&bindings))
+                    .await
+                    .map_err(|e| e.0)
+            }
         })
         .await
         .clone()
-        .map_err(|e| Failure(format!("installing the admission policy: {e}")))?;
+        .map_err(|e| Failure(format!("installing the admission policies: {e}")))?;
     Ok((server, params))
 }
 
-async fn install(server: &TestApiServer) -> TestResult<Params> {
-    eprintln!("kube-apiserver + etcd started in {:?}", server.startup);
+/// Applies the broker-token policy `token_yaml` (and the bindings policy)
+/// and waits until both are in force. Returns the token policy's settings.
+async fn install(
+    server: &TestApiServer,
+    token_yaml: &str,
+    bindings_yaml: Option<&str>,
+) -> TestResult<Params> {
     let started = Instant::now();
-    let cluster = Cluster::new(server.client().await?);
-    cluster.create_namespace(BROKER_NS, &[]).await?;
-    let deploy = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    // Parameters first: the binding denies everything while they are missing.
-    for file in ["admission-params.yaml", "admission-policy.yaml"] {
-        run(server
-            .kubectl()
-            .args(["apply", "-f", &deploy.join(file).display().to_string()]))?;
-    }
-    let cm = Api::<ConfigMap>::namespaced(cluster.client.clone(), BROKER_NS)
-        .get(PARAMS)
-        .await?;
-    let data = cm.data.unwrap_or_default();
-    let key = |k: &str| {
-        data.get(k)
-            .cloned()
-            .ok_or_else(|| Failure(format!("{PARAMS} has no data key {k}")))
-    };
-    let namespace = key("namespace")?;
-    if namespace != BROKER_NS {
+    let token_policy = documents(token_yaml)?
+        .into_iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .ok_or_else(|| Failure("no ValidatingAdmissionPolicy to install".into()))?;
+    let params = Params::parse(&variables_of(&token_policy))?;
+    if params.broker_namespace != BROKER_NS {
         return Err(Failure(format!(
-            "{PARAMS} names namespace {namespace}, the tests expect {BROKER_NS}"
+            "the policy names broker namespace {}, the tests expect {BROKER_NS}",
+            params.broker_namespace
         )));
     }
-    let params = Params {
-        audience: key("audience")?,
-        sidecar_image: key("sidecarImage")?,
-        init_image: key("initImage")?,
-        proxy_uid: key("proxyUID")?
-            .parse()
-            .map_err(|e| Failure(format!("{PARAMS} proxyUID: {e}")))?,
-    };
-
-    // A new policy (and its parameters) reaches the admission plugin a
-    // moment later: probe with a pod it must refuse, server-side dry run
-    // so nothing is stored, until the refusal is ours.
+    let cluster = Cluster::new(server.client().await?);
+    cluster.create_namespace(BROKER_NS, &[]).await?;
     cluster.create_namespace("probe", &[]).await?;
-    let probe = pod(
-        "probe",
-        "probe",
-        json!({
-            "serviceAccountName": "agent",
-            "containers": [agent("probe", &["credbroker-token"])],
-            "volumes": [token_volume("credbroker-token", &params.audience)],
-        }),
-    );
-    wait_until(
-        "the admission policy to refuse a probe pod",
-        EFFECTIVE_WITHIN,
-        || {
-            let outcome = kubectl_apply(server, &probe, &["--dry-run=server"]);
-            async move {
-                match outcome.map_err(|e| e.0)? {
-                    Err(stderr) if stderr.contains("container probe: volumeMounts mounts") => {
-                        Ok(())
+    // No parameter objects: the policies stand alone, in any order.
+    server.kubectl_apply(token_yaml, &[]).map_err(Failure)?;
+    if let Some(bindings) = bindings_yaml {
+        server.kubectl_apply(bindings, &[]).map_err(Failure)?;
+    }
+
+    // A new policy reaches the admission plugin a moment later: probe with
+    // objects it must refuse, server-side dry run so nothing is stored,
+    // until the refusal is ours.
+    let mut probes = vec![(
+        "the broker-token policy",
+        pod(
+            "probe",
+            "probe",
+            json!({
+                "serviceAccountName": "agent",
+                "containers": [agent("probe", &["credbroker-token"])],
+                "volumes": [token_volume("credbroker-token", &params.audience)],
+            }),
+        ),
+        "container probe: volumeMounts mounts",
+    )];
+    if bindings_yaml.is_some() {
+        probes.push((
+            "the bindings-ConfigMap policy",
+            bindings_configmap("probe", "probe"),
+            "only the credbroker controller",
+        ));
+    }
+    for (what, probe, ours) in probes {
+        wait_until(
+            &format!("{what} to refuse a probe"),
+            EFFECTIVE_WITHIN,
+            || {
+                let outcome = server.kubectl_apply(&probe.to_string(), &["--dry-run=server"]);
+                async move {
+                    match outcome {
+                        Err(stderr) if stderr.contains(ours) => Ok(()),
+                        Err(stderr) => Err(format!("refused, but not by the policy yet: {stderr}")),
+                        Ok(stdout) => Err(format!("still admitted: {stdout}")),
                     }
-                    Err(stderr) => Err(format!("refused, but not by the policy yet: {stderr}")),
-                    Ok(stdout) => Err(format!("still admitted: {stdout}")),
                 }
-            }
-        },
-    )
-    .await?;
+            },
+        )
+        .await?;
+    }
     eprintln!(
-        "policy in force {:?} after install started",
+        "policies in force {:?} after install started",
         started.elapsed()
     );
     Ok(params)
@@ -178,7 +310,7 @@ fn injected_pod(name: &str, ns: &str, p: &Params) -> Value {
             "initContainers": [
                 {
                     "name": "credbroker-init",
-                    "image": p.init_image,
+                    "image": p.init_image(),
                     "command": ["/usr/local/bin/credbroker-sidecar"],
                     "args": ["init", format!("--proxy-uid={uid}"), format!("--proxy-gid={uid}"), "--proxy-port=15001"],
                     "securityContext": {
@@ -190,7 +322,7 @@ fn injected_pod(name: &str, ns: &str, p: &Params) -> Value {
                 },
                 {
                     "name": "credbroker-sidecar",
-                    "image": p.sidecar_image,
+                    "image": p.sidecar_image(),
                     "command": ["/usr/local/bin/credbroker-sidecar"],
                     "args": ["proxy"],
                     "restartPolicy": "Always",
@@ -237,42 +369,26 @@ fn injected_pod(name: &str, ns: &str, p: &Params) -> Value {
     )
 }
 
+/// A ConfigMap that holds bindings, as only the controller may write one.
+fn bindings_configmap(name: &str, ns: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": { "app.kubernetes.io/managed-by": keys::MANAGED_BY },
+        },
+        "data": { keys::BINDINGS_CONFIGMAP_KEY: "{}" },
+    })
+}
+
 fn sidecar_mut(pod: &mut Value) -> &mut Value {
     &mut pod["spec"]["initContainers"][1]
 }
 
 // ---------------------------------------------------------------------------
 // What the user sees.
-
-/// `kubectl apply -f -` of `manifest`: `Ok(stdout)` if applied,
-/// `Err(stderr)` if refused. Failing to run kubectl at all is a `Failure`.
-fn kubectl_apply(
-    server: &TestApiServer,
-    manifest: &Value,
-    extra: &[&str],
-) -> TestResult<Result<String, String>> {
-    let mut child = server
-        .kubectl()
-        .args(["apply", "--request-timeout=30s", "-f", "-"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Failure(format!("running kubectl: {e}")))?;
-    child
-        .stdin
-        .take()
-        .ok_or_else(|| Failure("kubectl has no stdin".into()))?
-        .write_all(manifest.to_string().as_bytes())?;
-    let out = child.wait_with_output()?;
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    Ok(if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(text(&out.stderr))
-    })
-}
 
 /// Runs cases, records every wrong answer, and fails at the end with all of
 /// them, so one run shows everything that is off.
@@ -301,16 +417,21 @@ impl<'a> Cases<'a> {
         }
     }
 
-    /// `kubectl apply` must be refused by this policy, and stderr must
-    /// carry every fragment of `expect`.
-    fn refused(&mut self, what: &str, manifest: &Value, expect: &[&str]) -> TestResult {
+    /// `kubectl apply` must be refused by our policy for the manifest's
+    /// kind (a Pod's or a ConfigMap's), and stderr must carry every
+    /// fragment of `expect`.
+    fn refused(&mut self, what: &str, manifest: &Value, expect: &[&str]) {
         let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
-        match kubectl_apply(self.server, manifest, &[])? {
+        let (resource, policy) = match manifest["kind"].as_str() {
+            Some("ConfigMap") => ("configmaps", BINDINGS_POLICY),
+            _ => ("pods", POLICY),
+        };
+        match self.server.kubectl_apply(&manifest.to_string(), &[]) {
             Ok(stdout) => self.record(what, false, format!("admitted: {stdout}")),
             Err(stderr) => {
                 let ours = format!(
-                    "pods \"{name}\" is forbidden: ValidatingAdmissionPolicy '{POLICY}' with binding \
-                     '{POLICY}' denied request: "
+                    "{resource} \"{name}\" is forbidden: ValidatingAdmissionPolicy '{policy}' \
+                     with binding '{policy}' denied request: "
                 );
                 let missing: Vec<&str> = std::iter::once(ours.as_str())
                     .chain(expect.iter().copied())
@@ -323,16 +444,14 @@ impl<'a> Cases<'a> {
                 );
             }
         }
-        Ok(())
     }
 
     /// `kubectl apply` must succeed.
-    fn admitted(&mut self, what: &str, manifest: &Value) -> TestResult {
-        match kubectl_apply(self.server, manifest, &[])? {
+    fn admitted(&mut self, what: &str, manifest: &Value) {
+        match self.server.kubectl_apply(&manifest.to_string(), &[]) {
             Ok(_) => self.record(what, true, String::new()),
             Err(stderr) => self.record(what, false, format!("refused:\n{stderr}")),
         }
-        Ok(())
     }
 
     /// An API call (the ephemeral-containers subresource) must be refused
@@ -393,6 +512,225 @@ async fn names_of_pods(client: &kube::Client, ns: &str) -> TestResult<Vec<String
 }
 
 // ---------------------------------------------------------------------------
+// Drift: no API server.
+
+/// The values of the `kubernetes.io/metadata.name NotIn` expressions of a
+/// namespaceSelector.
+fn excluded_namespaces(selector: &Value) -> Vec<String> {
+    selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["key"] == "kubernetes.io/metadata.name" && e["operator"] == "NotIn")
+        .flat_map(|e| e["values"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_policies_name_what_the_webhook_injects_and_match_its_defaults() -> TestResult {
+    let mut wrong: Vec<String> = Vec::new();
+    let mut check = |what: &str, ok: bool, detail: String| {
+        if !ok {
+            wrong.push(format!("{what}: {detail}"));
+        }
+    };
+    let token_text = read_deploy("admission-policy.yaml")?;
+    let (token, vars) = policy("admission-policy.yaml", POLICY)?;
+    let p = Params::parse(&vars)?;
+
+    // The names the webhook injects (crds/src/keys.rs).
+    let listed = variable(&vars, "brokerVolumes")?
+        .split_once('+')
+        .map(|(list, _)| list)
+        .ok_or_else(|| Failure("brokerVolumes is not <list> + variables.tokenVolumes".into()))?;
+    let mut listed = cel_strings(listed)?;
+    listed.sort();
+    let mut volumes = injected::VOLUMES.map(str::to_owned).to_vec();
+    volumes.sort();
+    check(
+        "brokerVolumes lists exactly injected::VOLUMES",
+        listed == volumes,
+        format!("{listed:?} vs {volumes:?}"),
+    );
+    for name in injected::VOLUMES.iter().chain(&[
+        injected::INIT_CONTAINER,
+        injected::SIDECAR_CONTAINER,
+        injected::SIDECAR_BINARY,
+    ]) {
+        check(
+            &format!("admission-policy.yaml names '{name}'"),
+            token_text.contains(&format!("'{name}'")),
+            "missing".into(),
+        );
+    }
+    check(
+        "the sidecar's command is the sidecar binary",
+        variable(&vars, "sidecarFaults")?.contains(&format!(
+            "command.orValue([]) == ['{}']",
+            injected::SIDECAR_BINARY
+        )),
+        variable(&vars, "sidecarFaults")?.to_owned(),
+    );
+
+    // The webhook's defaults (run::Args).
+    let args = <credbroker_webhook::run::Args as clap::Parser>::try_parse_from([
+        "credbroker-webhook",
+        "--namespace",
+        &p.broker_namespace,
+        "--sidecar-image",
+        p.sidecar_image(),
+        "--init-image",
+        p.init_image(),
+        "--vault-addr",
+        "https://vault.example:8200",
+        "--cert-mode",
+        "self-managed",
+    ])
+    .map_err(|e| Failure(e.to_string()))?;
+    check(
+        "proxyUID is the webhook's default --proxy-uid",
+        args.proxy_uid == p.proxy_uid,
+        format!("{} vs {}", p.proxy_uid, args.proxy_uid),
+    );
+    check(
+        "audience is the webhook's default --audience",
+        args.audience == p.audience && p.audience == keys::DEFAULT_BROKER_AUDIENCE,
+        format!("{} vs {}", p.audience, args.audience),
+    );
+    check(
+        "the images are pinned names (no blanks, a tag or a digest)",
+        p.sidecar_images.iter().chain(&p.init_images).all(|i| {
+            !i.contains(char::is_whitespace)
+                && (i.contains('@') || i.rsplit('/').next().is_some_and(|n| n.contains(':')))
+        }),
+        format!("{:?} {:?}", p.sidecar_images, p.init_images),
+    );
+
+    // One broker namespace everywhere, excluded at match time.
+    check(
+        "the token policy's namespaceSelector excludes brokerNamespace only",
+        excluded_namespaces(&token["spec"]["matchConstraints"]["namespaceSelector"])
+            == [p.broker_namespace.clone()],
+        format!(
+            "{:?}",
+            token["spec"]["matchConstraints"]["namespaceSelector"]
+        ),
+    );
+    let bindings_text = read_deploy("bindings-configmap-policy.yaml")?;
+    let (bindings, bvars) = policy("bindings-configmap-policy.yaml", BINDINGS_POLICY)?;
+    let b_ns = cel_string(variable(&bvars, "brokerNamespace")?)?;
+    check(
+        "both policies name the same broker namespace",
+        b_ns == p.broker_namespace,
+        format!("{b_ns} vs {}", p.broker_namespace),
+    );
+    check(
+        "the bindings policy's namespaceSelector excludes brokerNamespace only",
+        excluded_namespaces(&bindings["spec"]["matchConstraints"]["namespaceSelector"])
+            == [b_ns.clone()],
+        format!(
+            "{:?}",
+            bindings["spec"]["matchConstraints"]["namespaceSelector"]
+        ),
+    );
+    // The controller's ServiceAccount, as controller/deploy/rbac.yaml makes it.
+    let controller_rbac = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../controller/deploy/rbac.yaml"),
+    )?;
+    let sa = documents(&controller_rbac)?
+        .into_iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .ok_or_else(|| Failure("controller/deploy/rbac.yaml has no ServiceAccount".into()))?;
+    let expected_user = format!(
+        "system:serviceaccount:{}:{}",
+        sa["metadata"]["namespace"].as_str().unwrap_or_default(),
+        sa["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let user = cel_string(variable(&bvars, "controllerServiceAccount")?)?;
+    check(
+        "controllerServiceAccount is the controller's ServiceAccount",
+        user == expected_user
+            && sa["metadata"]["namespace"].as_str() == Some(p.broker_namespace.as_str()),
+        format!("{user} vs {expected_user}"),
+    );
+    for key in [keys::MANAGED_BY, keys::BINDINGS_CONFIGMAP_KEY] {
+        check(
+            &format!("bindings-configmap-policy.yaml names '{key}'"),
+            bindings_text.contains(&format!("'{key}'")),
+            "missing".into(),
+        );
+    }
+
+    // No parameter object left to go missing.
+    for (file, text) in [
+        ("admission-policy.yaml", &token_text),
+        ("bindings-configmap-policy.yaml", &bindings_text),
+    ] {
+        for doc in documents(text)? {
+            check(
+                &format!("{file}: {} takes no parameters", doc["kind"]),
+                doc["spec"]["paramKind"].is_null() && doc["spec"]["paramRef"].is_null(),
+                format!("{:?}", doc["spec"]),
+            );
+        }
+    }
+    check(
+        "there is no parameters ConfigMap",
+        !deploy("admission-params.yaml").exists(),
+        "deploy/admission-params.yaml exists".into(),
+    );
+
+    // The registration: opt-in decided before the call, never the broker's
+    // namespace or kube-system.
+    let registration = documents(&read_deploy("mutating-webhook.yaml")?)?;
+    let hooks = registration
+        .first()
+        .and_then(|d| d["webhooks"].as_array().cloned())
+        .unwrap_or_default();
+    check(
+        "two webhook entries",
+        hooks.len() == 2,
+        format!("{}", hooks.len()),
+    );
+    for hook in &hooks {
+        let name = hook["name"].as_str().unwrap_or_default();
+        let conditions: Vec<&str> = hook["matchConditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["expression"].as_str())
+            .collect();
+        let inject = format!("[?'{}'].orValue('') == 'true'", keys::INJECT);
+        check(
+            &format!(
+                "{name}: one matchCondition on the annotation and the label {}",
+                keys::INJECT
+            ),
+            conditions.len() == 1
+                && conditions[0].contains(&format!("annotations{inject}"))
+                && conditions[0].contains(&format!("labels{inject}")),
+            format!("{conditions:?}"),
+        );
+        let excluded = excluded_namespaces(&hook["namespaceSelector"]);
+        check(
+            &format!("{name}: never the broker's namespace or kube-system"),
+            excluded.contains(&p.broker_namespace) && excluded.iter().any(|n| n == "kube-system"),
+            format!("{excluded:?}"),
+        );
+    }
+
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure(format!(
+            "the deploy files drifted:\n- {}",
+            wrong.join("\n- ")
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The cases.
 
 #[tokio::test]
@@ -425,7 +763,7 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
             "container agent: volumeMounts mounts credbroker-token",
             "broker audience",
         ],
-    )?;
+    );
     // Judged by content: another name, and the token beside other sources.
     let mut renamed = plain("renamed", "cache");
     renamed["spec"]["volumes"][0]["projected"]["sources"]
@@ -436,7 +774,7 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
         "the same token in a volume of another name, beside a ConfigMap source",
         &renamed,
         &["container agent: volumeMounts mounts cache"],
-    )?;
+    );
     let mut init_holder = plain("init-holder", "credbroker-token");
     init_holder["spec"]["initContainers"] = json!([agent("setup", &["credbroker-token"])]);
     init_holder["spec"]["containers"] = json!([agent("agent", &[])]);
@@ -444,19 +782,27 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
         "an ordinary init container mounting the token",
         &init_holder,
         &["init container setup: volumeMounts mounts credbroker-token"],
-    )?;
+    );
+    // kube-system stays covered: a forged token pod is as dangerous there.
+    let mut in_kube_system = plain("forged-kube-system", "credbroker-token");
+    in_kube_system["metadata"]["namespace"] = json!("kube-system");
+    cases.refused(
+        "a broker-audience token in a container in kube-system",
+        &in_kube_system,
+        &["container agent: volumeMounts mounts credbroker-token"],
+    );
 
     cases.admitted(
         "an injected pod: the token only in the sidecar",
         &injected_pod("injected", ns, &p),
-    )?;
+    );
     let mut agent_too = injected_pod("agent-too", ns, &p);
     agent_too["spec"]["containers"] = json!([agent("agent", &["credbroker-token"])]);
     cases.refused(
         "an injected pod whose agent mounts the token too",
         &agent_too,
         &["container agent: volumeMounts mounts credbroker-token"],
-    )?;
+    );
 
     for field in ["shareProcessNamespace", "hostPID"] {
         let mut shared = injected_pod(&format!("shared-{}", field.to_lowercase()), ns, &p);
@@ -467,18 +813,22 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
             &[&format!(
                 "pod: spec.{field} is true in a pod with volume credbroker-token"
             )],
-        )?;
+        );
     }
 
     // Fake sidecars: the name alone is not the sidecar.
     // (pod name, what, the edit to the sidecar, what the message must say)
-    type Fake = (&'static str, &'static str, fn(&mut Value), &'static str);
+    let not_the_image = format!(
+        "image registry.example/evil:1 is not one of the sidecar images [{}]",
+        p.sidecar_images.join(", ")
+    );
+    type Fake<'m> = (&'static str, &'static str, fn(&mut Value), &'m str);
     let fakes: [Fake; 6] = [
         (
             "fake-image",
             "a sidecar with another image",
             |s| s["image"] = json!("registry.example/evil:1"),
-            "image registry.example/evil:1 is not the sidecar image",
+            &not_the_image,
         ),
         (
             "fake-command",
@@ -528,7 +878,7 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
             what,
             &fake,
             &["init container credbroker-sidecar: ", expect],
-        )?;
+        );
     }
     let mut as_app = injected_pod("sidecar-as-app", ns, &p);
     let sidecar = sidecar_mut(&mut as_app).clone();
@@ -545,7 +895,7 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
         "a container named credbroker-sidecar among the app containers",
         &as_app,
         &["container credbroker-sidecar: volumeMounts mounts credbroker-token"],
-    )?;
+    );
     let unheld = pod(
         "unheld",
         ns,
@@ -559,14 +909,18 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
         "a broker-audience token volume with no sidecar at all",
         &unheld,
         &["pod: volume spare", "no init container credbroker-sidecar"],
-    )?;
+    );
     let mut fake_init = injected_pod("fake-init", ns, &p);
     fake_init["spec"]["initContainers"][0]["image"] = json!("registry.example/evil-init:1");
     cases.refused(
         "an injected pod whose credbroker-init is another image",
         &fake_init,
-        &["init container credbroker-init: image registry.example/evil-init:1 is not the broker init image"],
-    )?;
+        &[&format!(
+            "init container credbroker-init: image registry.example/evil-init:1 is not one of \
+             the broker init images [{}]",
+            p.init_images.join(", ")
+        )],
+    );
 
     // Untouched: other audiences, and the broker's own namespace.
     let other = pod(
@@ -589,13 +943,13 @@ async fn only_the_injected_sidecar_may_hold_a_broker_audience_token() -> TestRes
     cases.admitted(
         "tokens of other audiences (vault, the API server's) in an agent",
         &other,
-    )?;
+    );
     let mut in_broker_ns = plain("broker-own", "credbroker-token");
     in_broker_ns["metadata"]["namespace"] = json!(BROKER_NS);
     cases.admitted(
         "a broker-audience token in a container in the broker's namespace",
         &in_broker_ns,
-    )?;
+    );
 
     // A refusal stores nothing: exactly the admitted pods exist.
     let stored = names_of_pods(&client, ns).await?;
@@ -620,7 +974,7 @@ async fn the_broker_containers_keep_their_image_command_and_args() -> TestResult
     let mut cases = Cases::new(&server, "update");
 
     let original = injected_pod("updated", ns, &p);
-    cases.admitted("the injected pod", &original)?;
+    cases.admitted("the injected pod", &original);
 
     let mut sidecar_image = original.clone();
     sidecar_image["spec"]["initContainers"][1]["image"] = json!("registry.example/evil:1");
@@ -629,16 +983,16 @@ async fn the_broker_containers_keep_their_image_command_and_args() -> TestResult
         &sidecar_image,
         &[&format!(
             "init container credbroker-sidecar: image may not change (from {} to registry.example/evil:1)",
-            p.sidecar_image
+            p.sidecar_image()
         )],
-    )?;
+    );
     let mut init_image = original.clone();
     init_image["spec"]["initContainers"][0]["image"] = json!("registry.example/evil-init:1");
     cases.refused(
         "kubectl apply changing credbroker-init's image",
         &init_image,
         &["init container credbroker-init: image may not change"],
-    )?;
+    );
 
     let mut agent_image = original.clone();
     agent_image["spec"]["containers"][0]["image"] = json!("registry.example/agent:2");
@@ -646,7 +1000,7 @@ async fn the_broker_containers_keep_their_image_command_and_args() -> TestResult
     cases.admitted(
         "kubectl apply changing the agent's image and a label",
         &agent_image,
-    )?;
+    );
     let now = pods.get("updated").await?;
     let spec = now.spec.unwrap_or_default();
     let image_of = |list: &[k8s_openapi::api::core::v1::Container], name: &str| {
@@ -660,7 +1014,7 @@ async fn the_broker_containers_keep_their_image_command_and_args() -> TestResult
     let sidecar_now = image_of(&init_list, "credbroker-sidecar");
     cases.record(
         "the stored pod has the new agent image and the original sidecar image",
-        agent_now == "registry.example/agent:2" && sidecar_now == p.sidecar_image,
+        agent_now == "registry.example/agent:2" && sidecar_now == p.sidecar_image(),
         format!("agent {agent_now}, sidecar {sidecar_now}"),
     );
     cases.finish()
@@ -691,7 +1045,7 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
         .await?;
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let mut cases = Cases::new(&server, "ephemeral");
-    cases.admitted("the injected pod", &injected_pod("debugged", ns, &p))?;
+    cases.admitted("the injected pod", &injected_pod("debugged", ns, &p));
     // The token under a name of its own: still found by content.
     let mut renamed = injected_pod("renamed", ns, &p);
     renamed["spec"]["volumes"][0]["name"] = json!("vault-login");
@@ -699,21 +1053,36 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
     cases.admitted(
         "an injected pod whose token volume has another name",
         &renamed,
-    )?;
+    );
+    cases.admitted(
+        "a pod with no broker token",
+        &pod(
+            "plain-debugged",
+            ns,
+            json!({ "containers": [agent("agent", &[])] }),
+        ),
+    );
 
-    let debugger = |extra: Value| {
-        let mut c = json!({ "name": "debugger", "image": "registry.example/debug:1" });
+    // A debugger as `kubectl debug --profile=restricted` makes it (all
+    // capabilities dropped), with `extra` merged over it.
+    let debugger = |name: &str, extra: Value| {
+        let mut c = json!({
+            "name": name,
+            "image": "registry.example/debug:1",
+            "securityContext": { "capabilities": { "drop": ["ALL"] } },
+        });
         if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
             c.extend(extra.clone());
         }
         c
     };
+    let d = |extra: Value| debugger("debugger", extra);
     cases.api_refused(
         "an ephemeral container mounting credbroker-token",
         add_ephemeral(
             &pods,
             "debugged",
-            debugger(json!({ "volumeMounts": [{ "name": "credbroker-token", "mountPath": "/t" }] })),
+            d(json!({ "volumeMounts": [{ "name": "credbroker-token", "mountPath": "/t" }] })),
         )
         .await,
         &["ephemeral container debugger: mounts broker volume credbroker-token; only the injected credbroker-sidecar may"],
@@ -723,7 +1092,7 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
         add_ephemeral(
             &pods,
             "debugged",
-            debugger(json!({ "volumeMounts": [{ "name": "credbroker-ca", "mountPath": "/ca" }] })),
+            d(json!({ "volumeMounts": [{ "name": "credbroker-ca", "mountPath": "/ca" }] })),
         )
         .await,
         &["ephemeral container debugger: mounts broker volume credbroker-ca"],
@@ -733,7 +1102,7 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
         add_ephemeral(
             &pods,
             "renamed",
-            debugger(json!({ "volumeMounts": [{ "name": "vault-login", "mountPath": "/t" }] })),
+            d(json!({ "volumeMounts": [{ "name": "vault-login", "mountPath": "/t" }] })),
         )
         .await,
         &["ephemeral container debugger: mounts broker volume vault-login"],
@@ -744,7 +1113,7 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
             add_ephemeral(
                 &pods,
                 "debugged",
-                debugger(json!({ "targetContainerName": target })),
+                d(json!({ "targetContainerName": target })),
             )
             .await,
             &[&format!(
@@ -752,38 +1121,155 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
             )],
         );
     }
-    cases.api_refused(
-        "an ephemeral container running as the proxy UID",
+    // (what, securityContext, what the message must say)
+    let escapes: Vec<(&str, Value, String)> = vec![
+        (
+            "running as the proxy UID",
+            json!({ "runAsUser": p.proxy_uid, "capabilities": { "drop": ["ALL"] } }),
+            format!(
+                "ephemeral container debugger: securityContext.runAsUser is the proxy UID {}, \
+                 which capture exempts",
+                p.proxy_uid
+            ),
+        ),
+        (
+            "privileged",
+            json!({ "privileged": true, "capabilities": { "drop": ["ALL"] } }),
+            "ephemeral container debugger: securityContext.privileged is true".into(),
+        ),
+        (
+            "adding net_admin",
+            json!({ "capabilities": { "add": ["net_admin"], "drop": ["ALL"] } }),
+            "ephemeral container debugger: securityContext.capabilities.add has net_admin".into(),
+        ),
+        (
+            "adding SETUID",
+            json!({ "capabilities": { "add": ["SETUID"], "drop": ["ALL"] } }),
+            "ephemeral container debugger: securityContext.capabilities.add has SETUID".into(),
+        ),
+        (
+            "adding cap_setgid",
+            json!({ "capabilities": { "add": ["cap_setgid"], "drop": ["ALL"] } }),
+            "ephemeral container debugger: securityContext.capabilities.add has cap_setgid".into(),
+        ),
+        (
+            "allowing privilege escalation",
+            json!({ "allowPrivilegeEscalation": true, "capabilities": { "drop": ["ALL"] } }),
+            "ephemeral container debugger: securityContext.allowPrivilegeEscalation is true".into(),
+        ),
+        (
+            "as root with the runtime's default capabilities (SETUID, SETGID)",
+            json!({ "runAsUser": 0 }),
+            "ephemeral container debugger: securityContext.capabilities.drop lacks SETUID and \
+             SETGID (or ALL)"
+                .into(),
+        ),
+        (
+            "dropping SETUID but keeping SETGID",
+            json!({ "capabilities": { "drop": ["SETUID", "NET_RAW"] } }),
+            "ephemeral container debugger: securityContext.capabilities.drop lacks SETUID and \
+             SETGID (or ALL)"
+                .into(),
+        ),
+    ];
+    for (what, security, expect) in escapes {
+        cases.api_refused(
+            &format!("an ephemeral container {what}"),
+            add_ephemeral(&pods, "debugged", d(json!({ "securityContext": security }))).await,
+            &[
+                &expect,
+                "in a pod with the broker sidecar it could bypass the broker",
+            ],
+        );
+    }
+    cases.api_admitted(
+        "kubectl debug --profile=restricted targeting the agent",
         add_ephemeral(
             &pods,
             "debugged",
-            debugger(json!({ "securityContext": { "runAsUser": p.proxy_uid } })),
+            debugger(
+                "restricted",
+                json!({
+                    "targetContainerName": "agent",
+                    "securityContext": {
+                        "runAsNonRoot": true, "allowPrivilegeEscalation": false,
+                        "capabilities": { "drop": ["ALL"] },
+                        "seccompProfile": { "type": "RuntimeDefault" },
+                    },
+                }),
+            ),
         )
         .await,
-        &[&format!(
-            "ephemeral container debugger: securityContext.runAsUser is the proxy UID {}",
-            p.proxy_uid
-        )],
-    );
-    cases.api_refused(
-        "an ephemeral container adding net_admin",
-        add_ephemeral(
-            &pods,
-            "debugged",
-            debugger(json!({ "securityContext": { "capabilities": { "add": ["net_admin"] } } })),
-        )
-        .await,
-        &["ephemeral container debugger: securityContext.capabilities.add has net_admin"],
     );
     cases.api_admitted(
-        "a harmless ephemeral container targeting the agent",
+        "a root debugger dropping setuid and CAP_SETGID",
         add_ephemeral(
             &pods,
             "debugged",
-            debugger(json!({ "targetContainerName": "agent" })),
+            debugger(
+                "dropper",
+                json!({ "securityContext": { "capabilities": { "drop": ["setuid", "CAP_SETGID"] } } }),
+            ),
         )
         .await,
     );
+    cases.api_admitted(
+        "a root debugger with default capabilities in a pod with no broker token",
+        add_ephemeral(
+            &pods,
+            "plain-debugged",
+            json!({ "name": "debugger", "image": "registry.example/debug:1" }),
+        )
+        .await,
+    );
+    // The real `kubectl debug`: its default profile (general) adds
+    // SYS_PTRACE and keeps SETUID and SETGID; --profile=restricted drops
+    // ALL and passes.
+    let kubectl_debug = |profile: &str| {
+        let out = server
+            .kubectl()
+            .args([
+                "debug",
+                "-n",
+                ns,
+                "debugged",
+                "--image=registry.example/debug:1",
+                "--target=agent",
+                &format!("--profile={profile}"),
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+            Err(e) => Err(format!("running kubectl debug: {e}")),
+        }
+    };
+    match kubectl_debug("general") {
+        Ok(out) => cases.record(
+            "kubectl debug (profile general)",
+            false,
+            format!("admitted: {out}"),
+        ),
+        Err(stderr) => cases.record(
+            "kubectl debug (profile general) is refused, naming SYS_PTRACE and the kept SETUID",
+            stderr.contains(&format!("ValidatingAdmissionPolicy '{POLICY}'"))
+                && stderr.contains("securityContext.capabilities.add has SYS_PTRACE")
+                && stderr.contains("capabilities.drop lacks SETUID and SETGID"),
+            stderr,
+        ),
+    }
+    match kubectl_debug("restricted") {
+        Ok(_) => cases.record(
+            "kubectl debug --profile=restricted is admitted",
+            true,
+            String::new(),
+        ),
+        Err(stderr) => cases.record(
+            "kubectl debug --profile=restricted is admitted",
+            false,
+            stderr,
+        ),
+    }
     let stored: Vec<String> = pods
         .get("debugged")
         .await?
@@ -800,9 +1286,198 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
         })
         .collect();
     cases.record(
-        "only the harmless ephemeral container was stored",
-        stored == ["debugger->agent"],
+        "only the harmless ephemeral containers were stored",
+        stored.len() == 3
+            && stored[..2] == ["restricted->agent", "dropper->"]
+            && stored[2].starts_with("debugger-")
+            && stored[2].ends_with("->agent"),
         format!("{stored:?}"),
+    );
+    cases.finish()
+}
+
+#[tokio::test]
+#[ignore = "needs kube-apiserver and etcd (KUBEBUILDER_ASSETS): run make setup"]
+async fn only_the_controller_writes_bindings_configmaps_and_nothing_else_is_locked() -> TestResult {
+    let (server, _) = setup().await?;
+    let client = server.client().await?;
+    let ns = "agents-configmaps";
+    Cluster::new(client.clone())
+        .create_namespace(ns, &[])
+        .await?;
+    let mut cases = Cases::new(&server, "configmaps");
+    let controller = "system:serviceaccount:credbroker-system:credbroker-controller";
+    cases.refused(
+        "an admin creating a bindings ConfigMap",
+        &bindings_configmap("credbroker-research-0123abcd", ns),
+        &[&format!(
+            "ConfigMap credbroker-research-0123abcd holds credbroker bindings (where secrets may \
+             go); only the credbroker controller ({controller}) may create it"
+        )],
+    );
+    let mut key_only = bindings_configmap("sneaky", ns);
+    if let Some(meta) = key_only["metadata"].as_object_mut() {
+        meta.remove("labels");
+    }
+    cases.refused(
+        "an admin putting the bindings key into a ConfigMap without the label",
+        &key_only,
+        &["ConfigMap sneaky holds credbroker bindings"],
+    );
+    // The sidecar mounts its account's ConfigMap by name, and the kubelet
+    // reads the key from data or binaryData: neither way around is open.
+    let binary = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "sneaky-binary", "namespace": ns },
+        "binaryData": { "bindings.v1.json": "e30=" },
+    });
+    cases.refused(
+        "an admin putting the bindings key into binaryData",
+        &binary,
+        &["ConfigMap sneaky-binary holds credbroker bindings"],
+    );
+    let named = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "credbroker-research-agent-d243772f", "namespace": ns },
+        "data": { "other": "x" },
+    });
+    cases.refused(
+        "an admin pre-creating an unlabelled ConfigMap under a bindings name",
+        &named,
+        &["ConfigMap credbroker-research-agent-d243772f holds credbroker bindings"],
+    );
+    let plain = |name: &str, ns: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": name, "namespace": ns },
+            "data": { "settings.json": "{}" },
+        })
+    };
+    // With no parameter object, nothing can lock the cluster: ordinary
+    // ConfigMaps and pods go in everywhere, kube-system included.
+    cases.admitted(
+        "an ordinary ConfigMap in an agent namespace",
+        &plain("settings", ns),
+    );
+    cases.admitted(
+        "an ordinary ConfigMap in kube-system",
+        &plain("cluster-settings", "kube-system"),
+    );
+    cases.admitted(
+        "a pod with no broker token in kube-system",
+        &pod(
+            "plain-kube-system",
+            "kube-system",
+            json!({ "containers": [agent("agent", &[])] }),
+        ),
+    );
+    cases.admitted(
+        "a bindings-like ConfigMap in the broker's own namespace (not matched there)",
+        &bindings_configmap("credbroker-admin-notes", BROKER_NS),
+    );
+    cases.finish()
+}
+
+/// The chart's rendering during an upgrade: each image list holds the new
+/// release's image (pinned by digest) and the previous release's, and
+/// nothing else of the file changes.
+fn upgrade_rendering(written: &Params) -> TestResult<(String, Params)> {
+    let mut text = read_deploy("admission-policy.yaml")?;
+    let digest = format!("@sha256:{}", "0123456789abcdef".repeat(4));
+    let next = |image: &str| {
+        let repository = image.split_once('@').map_or_else(
+            || image.rsplit_once(':').map_or(image, |(r, _)| r),
+            |(r, _)| r,
+        );
+        format!("{repository}{digest}")
+    };
+    let mut rendered = written.clone();
+    rendered.sidecar_images = vec![
+        next(written.sidecar_image()),
+        written.sidecar_image().into(),
+    ];
+    rendered.init_images = vec![next(written.init_image()), written.init_image().into()];
+    let (_, vars) = policy("admission-policy.yaml", POLICY)?;
+    for (name, images) in [
+        ("sidecarImages", &rendered.sidecar_images),
+        ("initImages", &rendered.init_images),
+    ] {
+        let line = format!("expression: \"{}\"", variable(&vars, name)?);
+        if text.matches(&line).count() != 1 {
+            return Err(Failure(format!(
+                "the {name} line {line:?} is not in the file exactly once"
+            )));
+        }
+        let list: Vec<String> = images.iter().map(|i| format!("'{i}'")).collect();
+        text = text.replace(&line, &format!("expression: \"[{}]\"", list.join(", ")));
+    }
+    Ok((text, rendered))
+}
+
+#[tokio::test]
+#[ignore = "needs kube-apiserver and etcd (KUBEBUILDER_ASSETS): run make setup"]
+async fn during_an_upgrade_both_releases_images_are_the_broker() -> TestResult {
+    // An API server of its own: the shared one holds the policy as written.
+    let server = TestApiServer::start().await?;
+    eprintln!(
+        "kube-apiserver + etcd (upgrade) started in {:?}",
+        server.startup
+    );
+    let written = Params::from_file()?;
+    let (text, rendered) = upgrade_rendering(&written)?;
+    let p = install(&server, &text, None).await?;
+    if p.sidecar_images != rendered.sidecar_images || p.init_images != rendered.init_images {
+        return Err(Failure(format!("rendered {rendered:?}, installed {p:?}")));
+    }
+    let client = server.client().await?;
+    let ns = "agents-upgrade";
+    Cluster::new(client.clone())
+        .create_namespace(ns, &[])
+        .await?;
+    let mut cases = Cases::new(&server, "upgrade");
+
+    let previous = Params {
+        sidecar_images: vec![written.sidecar_image().into()],
+        init_images: vec![written.init_image().into()],
+        ..p.clone()
+    };
+    let old_pod = injected_pod("by-old-replica", ns, &previous);
+    cases.admitted(
+        "a pod an old webhook replica injected (the previous release's images)",
+        &old_pod,
+    );
+    cases.admitted(
+        "a pod a new webhook replica injected (the new images, by digest)",
+        &injected_pod("by-new-replica", ns, &p),
+    );
+    let mut unlisted = injected_pod("unlisted", ns, &p);
+    let third = format!(
+        "{}:9.9.9",
+        written
+            .sidecar_image()
+            .rsplit_once(':')
+            .map_or("", |(r, _)| r)
+    );
+    sidecar_mut(&mut unlisted)["image"] = json!(third);
+    cases.refused(
+        "a sidecar image the chart does not list",
+        &unlisted,
+        &[&format!(
+            "init container credbroker-sidecar: image {third} is not one of the sidecar images [{}]",
+            p.sidecar_images.join(", ")
+        )],
+    );
+    // Rule 2 stays strict: a running pod keeps the image it was created with.
+    let mut moved = old_pod.clone();
+    sidecar_mut(&mut moved)["image"] = json!(p.sidecar_image());
+    cases.refused(
+        "updating an old pod's sidecar to the new (listed) image",
+        &moved,
+        &[&format!(
+            "init container credbroker-sidecar: image may not change (from {} to {})",
+            written.sidecar_image(),
+            p.sidecar_image()
+        )],
     );
     cases.finish()
 }

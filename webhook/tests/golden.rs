@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use credbroker_crds::config::SidecarBindings;
-use credbroker_webhook::mutate::{Mutation, mutate};
+use credbroker_webhook::mutate::{Mutation, PodBinding, mutate};
 use credbroker_webhook::settings::{InjectSettings, SidecarVault};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -57,41 +57,63 @@ fn golden_dir() -> PathBuf {
 }
 
 /// The bindings of service account `research-agent` (every case's pod
-/// uses it unless it names `lonely`, which has none).
-fn bindings_for(pod: &Value) -> Option<SidecarBindings> {
+/// uses it unless it names `lonely`, which has none), oldest first: those
+/// of `bindings.json`, as the webhook sees them.
+fn bindings_for(pod: &Value) -> Vec<PodBinding> {
     let sa = pod["spec"]["serviceAccountName"]
         .as_str()
         .unwrap_or("default");
     if sa != "research-agent" {
-        return None;
+        return Vec::new();
     }
     let text = std::fs::read_to_string(golden_dir().join("bindings.json"))
         .unwrap_or_else(|e| panic!("tests/golden/bindings.json: {e}"));
-    Some(SidecarBindings::from_json(&text).unwrap_or_else(|e| panic!("bindings.json: {e}")))
+    SidecarBindings::from_json(&text)
+        .unwrap_or_else(|e| panic!("bindings.json: {e}"))
+        .bindings
+        .into_iter()
+        .map(|b| PodBinding {
+            id: b.id,
+            placeholder: b
+                .placeholder
+                .unwrap_or_else(|| panic!("bindings.json: a binding without a placeholder")),
+        })
+        .collect()
 }
 
-/// Deterministic placeholders: the prefix and a counter, padded to 26.
-fn counter() -> impl FnMut(Option<&str>) -> Result<String, String> {
+/// Deterministic placeholders: the prefix and `tag` with a counter, padded to 26.
+fn counter(tag: &'static str) -> impl FnMut(Option<&str>) -> Result<String, String> {
     let mut n = 0;
     move |prefix| {
         n += 1;
         Ok(format!(
             "{}{:0>26}",
             prefix.unwrap_or(""),
-            format!("golden{n}")
+            format!("{tag}{n}")
         ))
     }
 }
 
-fn run(pod: &Value) -> Result<Mutation, String> {
+fn run_with(pod: &Value, tag: &'static str) -> Result<Mutation, String> {
     let bindings = bindings_for(pod);
-    mutate(pod, &settings(), bindings.as_ref(), &mut counter()).map_err(|r| r.message)
+    mutate(pod, &settings(), &bindings, &mut counter(tag)).map_err(|r| r.message)
 }
 
-/// JSON Patch `add` at `/a/b` (all the webhook emits), as the API server applies it.
+fn run(pod: &Value) -> Result<Mutation, String> {
+    run_with(pod, "golden")
+}
+
+/// JSON Patch `add` at `/a/b`, and `remove` of `/metadata/uid` (all the
+/// webhook emits), as the API server applies it.
 fn apply(pod: &Value, patch: &[Value]) -> Value {
     let mut out = pod.clone();
     for op in patch {
+        if op["op"] == "remove" && op["path"] == "/metadata/uid" {
+            if let Some(meta) = out["metadata"].as_object_mut() {
+                meta.remove("uid");
+            }
+            continue;
+        }
         assert_eq!(op["op"], "add", "{op}");
         let path: Vec<&str> = op["path"]
             .as_str()
@@ -172,8 +194,17 @@ fn golden_cases() {
                         "{name}: the patch does not produce the injected pod"
                     ));
                 }
-                // Idempotent: a second pass changes nothing.
-                match run(&mutation.pod) {
+                // A stored injected pod needs nothing at all.
+                if name.starts_with("stored-") && !mutation.patch.is_empty() {
+                    failures.push(format!(
+                        "{name}: an injected pod as stored got a patch: {}",
+                        serde_json::to_string(&mutation.patch).unwrap_or_default()
+                    ));
+                }
+                // Idempotent: a second pass changes nothing, even with a
+                // generator that would draw other placeholders (so the
+                // recorded ones must be kept, not redrawn).
+                match run_with(&mutation.pod, "again") {
                     Ok(again) if again.patch.is_empty() => {}
                     Ok(again) => failures.push(format!(
                         "{name}: mutating the injected pod gave a non-empty patch: {}",

@@ -9,9 +9,8 @@
 //! Run with `make test` (or `cargo test -p credbroker-webhook --test webhook
 //! -- --include-ignored` with the test environment loaded).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use credbroker_crds::keys::{self, injected};
@@ -24,6 +23,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 const SYSTEM_NS: &str = "credbroker-system";
+/// The images the webhook runs with: the first of the broker-token
+/// policy's `sidecarImages` and `initImages` (the policies are applied as
+/// written, so a pod the webhook injects must pass them).
 const SIDECAR_IMAGE: &str = "ghcr.io/credbroker/credbroker-sidecar:0.1.0";
 const INIT_IMAGE: &str = "ghcr.io/credbroker/credbroker-init:0.1.0";
 const SA: &str = "research-agent";
@@ -34,37 +36,43 @@ fn deploy(file: &str) -> PathBuf {
         .join(file)
 }
 
+/// Fails unless the broker-token policy's settings variables list exactly
+/// [`SIDECAR_IMAGE`] and [`INIT_IMAGE`] (literal CEL lists of quoted
+/// strings, as the chart renders them).
+fn the_policy_lists_the_test_images() -> TestResult {
+    let text = std::fs::read_to_string(deploy("admission-policy.yaml"))?;
+    let policy: Value = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|doc| serde::Deserialize::deserialize(doc).ok())
+        .find(|d: &Value| d["kind"] == "ValidatingAdmissionPolicy")
+        .ok_or_else(|| Failure("admission-policy.yaml has no policy".into()))?;
+    for (name, image) in [("sidecarImages", SIDECAR_IMAGE), ("initImages", INIT_IMAGE)] {
+        let expression = policy["spec"]["variables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["expression"].as_str())
+            .ok_or_else(|| Failure(format!("admission-policy.yaml has no variable {name}")))?;
+        if expression.trim() != format!("['{image}']") {
+            return Err(Failure(format!(
+                "admission-policy.yaml: {name} is {expression}, but the webhook here injects \
+                 {image}: keep them the same"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_webhook_here_injects_the_images_the_policy_lists() -> TestResult {
+    the_policy_lists_the_test_images()
+}
+
 fn golden(case: &str, file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(case)
         .join(file)
-}
-
-/// `kubectl apply -f -` with `yaml` on stdin: stdout, or stderr as the error.
-fn kubectl_apply(server: &TestApiServer, yaml: &str, extra: &[&str]) -> Result<String, String> {
-    let mut child = server
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running kubectl: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(yaml.as_bytes())
-            .map_err(|e| format!("writing to kubectl: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for kubectl: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 struct Env {
@@ -103,9 +111,18 @@ impl Webhook {
 
 impl Env {
     async fn start() -> TestResult<Self> {
-        let server = TestApiServer::start().await?;
+        // With the ServiceAccount admission plugin on, as on a real
+        // cluster: it adds the default token volume the webhook removes.
+        let server = TestApiServer::start_with_service_account_admission().await?;
         let cluster = Cluster::new(server.client().await?);
         cluster.create_namespace(SYSTEM_NS, &[]).await?;
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/generated");
+        cluster
+            .install_crds(&[
+                crds.join("credbroker.dev_credentialbindings.yaml"),
+                crds.join("credbroker.dev_clustercredentialpolicies.yaml"),
+            ])
+            .await?;
         run(server
             .kubectl()
             .args(["apply", "-f", &deploy("rbac.yaml").display().to_string()]))?;
@@ -119,10 +136,9 @@ impl Env {
                 .display()
                 .to_string(),
         ]))?;
-        let params = std::fs::read_to_string(deploy("admission-params.yaml"))?
-            .replace("ghcr.io/credbroker/credbroker-sidecar:0.1.0", SIDECAR_IMAGE)
-            .replace("ghcr.io/credbroker/credbroker-init:0.1.0", INIT_IMAGE);
-        kubectl_apply(&server, &params, &[]).map_err(Failure)?;
+        // The policies as written: their settings variables name the
+        // images the webhook runs with here (checked before anything runs).
+        the_policy_lists_the_test_images()?;
         for file in ["admission-policy.yaml", "bindings-configmap-policy.yaml"] {
             run(server
                 .kubectl()
@@ -173,7 +189,9 @@ impl Env {
         for hook in config["webhooks"].as_array_mut().into_iter().flatten() {
             hook["clientConfig"] = json!({ "url": format!("https://127.0.0.1:{port}/mutate") });
         }
-        kubectl_apply(&self.server, &config.to_string(), &[]).map_err(Failure)?;
+        self.server
+            .kubectl_apply(&config.to_string(), &[])
+            .map_err(Failure)?;
         Ok(())
     }
 
@@ -301,6 +319,30 @@ impl Env {
                     "creating the bindings ConfigMap as the controller: {e}"
                 ))
             })?;
+        // The webhook draws placeholders from the CredentialBindings
+        // themselves: the same bindings, as the team applied them.
+        let published = credbroker_crds::config::SidecarBindings::from_json(&json)
+            .map_err(|e| Failure(e.to_string()))?;
+        let api =
+            Api::<credbroker_crds::CredentialBinding>::namespaced(self.cluster.client.clone(), ns);
+        for b in published.bindings {
+            let binding: credbroker_crds::CredentialBinding = serde_json::from_value(json!({
+                "apiVersion": "credbroker.dev/v1alpha1",
+                "kind": "CredentialBinding",
+                "metadata": { "name": b.id, "namespace": ns },
+                "spec": {
+                    "serviceAccountName": sa,
+                    "source": { "vault": b.secret },
+                    "placeholder": b.placeholder,
+                    "destinations": b.destinations.iter()
+                        .map(|d| json!({ "host": d.host, "port": d.port }))
+                        .collect::<Vec<_>>(),
+                },
+            }))?;
+            api.create(&PostParams::default(), &binding)
+                .await
+                .map_err(|e| Failure(format!("creating CredentialBinding {ns}/{}: {e}", b.id)))?;
+        }
         Ok(())
     }
 
@@ -315,13 +357,68 @@ fn agent_pod(ns: &str, name: &str, opt_in: &str) -> String {
     let meta = match opt_in {
         "annotation" => "  annotations: { credbroker.dev/inject: \"true\" }\n",
         "label" => "  labels: { credbroker.dev/inject: \"true\" }\n",
+        "annotation-false" => "  annotations: { credbroker.dev/inject: \"false\" }\n",
         _ => "",
     };
-    // The volume the ServiceAccount admission plugin would add (the test
-    // API server runs without it).
+    // The ServiceAccount admission plugin adds the default token volume.
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{meta}spec:\n  serviceAccountName: {SA}\n  containers:\n    - name: agent\n      image: python:3.13-slim\n      volumeMounts:\n        - {{ name: kube-api-access-abcde, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true }}\n  volumes:\n    - name: kube-api-access-abcde\n      projected:\n        sources:\n          - serviceAccountToken: {{ expirationSeconds: 3607, path: token }}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{meta}spec:\n  serviceAccountName: {SA}\n  containers:\n    - name: agent\n      image: python:3.13-slim\n"
     )
+}
+
+/// Checks a stored pod is exactly as [`agent_pod`] wrote it: no broker
+/// containers, volumes, env or annotations, and the default token kept.
+fn assert_untouched(pod: &Pod) -> TestResult {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let spec = pod
+        .spec
+        .as_ref()
+        .ok_or_else(|| Failure(format!("{name}: no spec")))?;
+    let containers: Vec<(&str, usize, Vec<&str>)> = spec
+        .containers
+        .iter()
+        .map(|c| {
+            (
+                c.name.as_str(),
+                c.env.as_ref().map_or(0, Vec::len),
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .map(|m| m.name.as_str())
+                    .collect(),
+            )
+        })
+        .collect();
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    let touched = spec.init_containers.is_some()
+        || spec.automount_service_account_token.is_some()
+        || containers.len() != 1
+        || containers[0].0 != "agent"
+        || containers[0].1 != 0
+        || !matches!(containers[0].2.as_slice(), [m] if m.starts_with("kube-api-access-"))
+        || !matches!(volumes.as_slice(), [v] if v.starts_with("kube-api-access-"))
+        || pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(keys::PLACEHOLDERS));
+    if touched {
+        return Err(Failure(format!(
+            "{name} did not opt in, but was changed: containers {containers:?}, volumes \
+             {volumes:?}, init containers {:?}",
+            spec.init_containers
+                .iter()
+                .flatten()
+                .map(|c| &c.name)
+                .collect::<Vec<_>>()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a stored pod is injected as a user would: the broker's two init
@@ -411,7 +508,7 @@ fn assert_injected(pod: &Pod) -> TestResult<std::collections::BTreeMap<String, S
 
 /// Creates a pod through the real kubectl and returns its error output.
 fn refused(server: &TestApiServer, yaml: &str) -> TestResult<String> {
-    match kubectl_apply(server, yaml, &[]) {
+    match server.kubectl_apply(yaml, &[]) {
         Ok(out) => Err(Failure(format!("admitted, but should be refused: {out}"))),
         Err(stderr) => Ok(stderr),
     }
@@ -432,19 +529,21 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
         )
         .await?;
     env.cluster.create_namespace("other", &[]).await?;
+    for ns in ["agents", "other"] {
+        env.cluster.create_service_account(ns, SA).await?;
+    }
     env.publish_bindings("agents", SA).await?;
     env.publish_bindings("other", SA).await?;
     // The cache sees the ConfigMaps within moments.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 1. Annotated pod in a labelled namespace, labelled pod elsewhere.
-    kubectl_apply(
-        &env.server,
-        &agent_pod("agents", "annotated", "annotation"),
-        &[],
-    )
-    .map_err(Failure)?;
-    kubectl_apply(&env.server, &agent_pod("other", "labelled", "label"), &[]).map_err(Failure)?;
+    env.server
+        .kubectl_apply(&agent_pod("agents", "annotated", "annotation"), &[])
+        .map_err(Failure)?;
+    env.server
+        .kubectl_apply(&agent_pod("other", "labelled", "label"), &[])
+        .map_err(Failure)?;
     let first = assert_injected(&env.pod("agents", "annotated").await?)?;
     assert_injected(&env.pod("other", "labelled").await?)?;
     // Idempotent against the real API server's defaulting: the stored pod,
@@ -465,21 +564,42 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
     .map_err(|e| Failure(e.to_string()))?
     .inject_settings()
     .map_err(|e| Failure(e.to_string()))?;
-    let bindings = credbroker_crds::config::SidecarBindings::from_json(&std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bindings.json"),
-    )?)
-    .map_err(|e| Failure(e.to_string()))?;
+    let bindings: Vec<credbroker_webhook::mutate::PodBinding> =
+        credbroker_crds::config::SidecarBindings::from_json(&std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bindings.json"),
+        )?)
+        .map_err(|e| Failure(e.to_string()))?
+        .bindings
+        .into_iter()
+        .filter_map(|b| {
+            Some(credbroker_webhook::mutate::PodBinding {
+                id: b.id,
+                placeholder: b.placeholder?,
+            })
+        })
+        .collect();
     for (ns, name) in [("agents", "annotated"), ("other", "labelled")] {
-        let stored: Value = serde_json::from_str(&run(env
+        let mut stored: Value = serde_json::from_str(&run(env
             .server
             .kubectl()
             .args(["get", "pod", "-n", ns, name, "-o", "json"]))?)?;
+        // As a reinvocation sees it: a pod being created has no uid,
+        // resourceVersion or status yet (a uid would mark it a copy).
+        if let Some(meta) = stored["metadata"].as_object_mut() {
+            for field in [
+                "uid",
+                "resourceVersion",
+                "creationTimestamp",
+                "managedFields",
+            ] {
+                meta.remove(field);
+            }
+        }
         let mut fresh = |p: Option<&str>| {
             credbroker_crds::config::generate_placeholder(p).map_err(|e| e.to_string())
         };
-        let again =
-            credbroker_webhook::mutate::mutate(&stored, &settings, Some(&bindings), &mut fresh)
-                .map_err(|r| Failure(format!("{ns}/{name}: the stored pod is refused: {r}")))?;
+        let again = credbroker_webhook::mutate::mutate(&stored, &settings, &bindings, &mut fresh)
+            .map_err(|r| Failure(format!("{ns}/{name}: the stored pod is refused: {r}")))?;
         if !again.patch.is_empty() {
             return Err(Failure(format!(
                 "{ns}/{name}: mutating the stored pod again is not a no-op: {}",
@@ -489,12 +609,9 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
     }
 
     // 7. A second pod of the same ServiceAccount gets its own placeholders.
-    kubectl_apply(
-        &env.server,
-        &agent_pod("agents", "second", "annotation"),
-        &[],
-    )
-    .map_err(Failure)?;
+    env.server
+        .kubectl_apply(&agent_pod("agents", "second", "annotation"), &[])
+        .map_err(Failure)?;
     let second = assert_injected(&env.pod("agents", "second").await?)?;
     for (id, value) in &first {
         if second.get(id) == Some(value) {
@@ -558,8 +675,18 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
     let update = pods
         .replace("annotated", &PostParams::default(), &pod)
         .await;
-    if update.is_ok() {
-        return Err(Failure("the sidecar image was updated".into()));
+    match update {
+        Ok(_) => return Err(Failure("the sidecar image was updated".into())),
+        Err(e)
+            if e.to_string().contains(
+                "init container credbroker-sidecar: image may not change (from \
+                 ghcr.io/credbroker/credbroker-sidecar:0.1.0 to evil.example/sidecar:latest)",
+            ) => {}
+        Err(e) => {
+            return Err(Failure(format!(
+                "the sidecar image update was refused, but not by the policy: {e}"
+            )));
+        }
     }
     let ephemeral = json!({ "spec": { "ephemeralContainers": [ {
         "name": "debugger", "image": "busybox:1.37",
@@ -606,37 +733,26 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
         Err(e) => return Err(Failure(format!("editing a bindings ConfigMap: {e}"))),
     }
 
-    // 4. Not opted in: untouched; outside labelled namespaces, not even sent.
+    // 4. Not opted in: the API server never calls the webhook (the
+    // registration's matchCondition), in a labelled namespace or not, and
+    // stores the pod as sent.
     let before = webhook.admissions()?;
-    kubectl_apply(&env.server, &agent_pod("other", "plain-other", ""), &[]).map_err(Failure)?;
-    let plain = env.pod("other", "plain-other").await?;
-    if plain
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .is_some()
-    {
-        return Err(Failure("a pod that did not opt in was injected".into()));
+    for (ns, name, opt_in) in [
+        ("other", "plain-other", ""),
+        ("agents", "plain-agents", ""),
+        ("agents", "opted-out-agents", "annotation-false"),
+    ] {
+        env.server
+            .kubectl_apply(&agent_pod(ns, name, opt_in), &[])
+            .map_err(Failure)?;
+        assert_untouched(&env.pod(ns, name).await?)?;
     }
-    if webhook.admissions()? != before {
-        return Err(Failure(
-            "the webhook was called for a pod outside its selectors".into(),
-        ));
-    }
-    kubectl_apply(&env.server, &agent_pod("agents", "plain-agents", ""), &[]).map_err(Failure)?;
-    let plain = env.pod("agents", "plain-agents").await?;
-    if plain
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .is_some()
-    {
-        return Err(Failure("a pod without the annotation was injected".into()));
-    }
-    if webhook.admissions()? != before + 1 {
-        return Err(Failure(
-            "the webhook was not called in a labelled namespace".into(),
-        ));
+    let after = webhook.admissions()?;
+    if after != before {
+        return Err(Failure(format!(
+            "the webhook was called {} time(s) for pods that did not opt in",
+            after - before
+        )));
     }
 
     // 6. A forced rotation under load: no admission fails across it.
@@ -664,8 +780,9 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
     let mut rotated_at = None;
     while started.elapsed() < Duration::from_secs(40) {
         let name = format!("load-{created}");
-        if let Err(stderr) =
-            kubectl_apply(&env.server, &agent_pod("agents", &name, "annotation"), &[])
+        if let Err(stderr) = env
+            .server
+            .kubectl_apply(&agent_pod("agents", &name, "annotation"), &[])
         {
             return Err(Failure(format!(
                 "admission {created} failed during the rotation ({:?} in): {stderr}\nwebhook:\n{}",
@@ -700,6 +817,46 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
         )));
     }
     eprintln!("rotation: new serving certificate after {at:?}; {created} pods admitted across it");
+    // The old CA then leaves the published bundle, and pods still go in:
+    // the API server trusts only the new CA now.
+    let old_ca = served_ca(&old);
+    let configs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        Api::all(env.cluster.client.clone());
+    wait_until(
+        "the old CA out of the caBundle",
+        Duration::from_secs(30),
+        || async {
+            let config = configs
+                .get("credbroker-webhook")
+                .await
+                .map_err(|e| e.to_string())?;
+            let bundles: Vec<String> = config
+                .webhooks
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|h| h.client_config.ca_bundle.as_ref())
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .collect();
+            let only_new = !bundles.is_empty()
+                && bundles.iter().all(|b| {
+                    b.matches("BEGIN CERTIFICATE").count() == 1 && !old_ca.contains(b.trim())
+                });
+            if only_new {
+                Ok(())
+            } else {
+                Err(format!("{} bundle(s) still with the old CA", bundles.len()))
+            }
+        },
+    )
+    .await?;
+    for i in 0..3 {
+        env.server
+            .kubectl_apply(
+                &agent_pod("agents", &format!("after-{i}"), "annotation"),
+                &[],
+            )
+            .map_err(|e| Failure(format!("admission after the old CA left the bundle: {e}")))?;
+    }
 
     // 5. The webhook down: opted-in pods fail closed, others are created.
     webhook.process.pause()?;
@@ -710,19 +867,27 @@ async fn the_api_server_calls_the_webhook_and_the_policies_hold() -> TestResult 
     if !stderr.contains("failed calling webhook") {
         return Err(Failure(format!("with the webhook down: {stderr}")));
     }
-    kubectl_apply(
-        &env.server,
-        &agent_pod("other", "while-down-other", ""),
-        &[],
-    )
-    .map_err(Failure)?;
+    // Pods that did not opt in are not sent, so they are created while the
+    // webhook is down, in a labelled namespace too.
+    for (ns, name) in [
+        ("other", "while-down-other"),
+        ("agents", "while-down-plain"),
+    ] {
+        let created = env.server.kubectl_apply(&agent_pod(ns, name, ""), &[]);
+        if let Err(stderr) = created {
+            let _ = webhook.process.resume();
+            return Err(Failure(format!(
+                "{ns}/{name}, not opted in, was not created while the webhook was down: {stderr}"
+            )));
+        }
+        assert_untouched(&env.pod(ns, name).await?)?;
+    }
     webhook.process.resume()?;
 
     // No secret is involved here, but no pod env value may reach the logs:
     // the user-set key of the golden case is the canary.
     let canary = "sk-not-a-real-key-but-the-user-set-one";
-    let _ = kubectl_apply(
-        &env.server,
+    let _ = env.server.kubectl_apply(
         &std::fs::read_to_string(golden("user-ca-variables", "pod.yaml"))?,
         &[],
     );
