@@ -1,6 +1,6 @@
 //! Admission latency (issue 6's benchmark): the real `credbroker-webhook`
-//! (provided-certificate mode, watching a real kube-apiserver's bindings
-//! ConfigMaps) answers AdmissionReviews over HTTPS keep-alive, sent
+//! (provided-certificate mode, watching a real kube-apiserver's
+//! CredentialBindings) answers AdmissionReviews over HTTPS keep-alive, sent
 //! open-loop at a fixed rate (default 200/s) on several connections, as
 //! the API server would. Prints latency p50, p99 and p99.9 as the client
 //! sees it (TLS, HTTP and the answer), the webhook's own histogram, and its
@@ -18,13 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use credbroker_crds::keys;
 use credbroker_test_support::apiserver::{Cluster, TestApiServer};
 use credbroker_test_support::pki::TestCa;
 use credbroker_test_support::process::ChildGuard;
 use credbroker_test_support::{Failure, TestResult, free_port, wait_until};
 use http_body_util::{BodyExt, Full};
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
@@ -112,17 +110,31 @@ async fn bench() -> TestResult {
     let cluster = Cluster::new(server.client().await?);
     cluster.create_namespace("credbroker-system", &[]).await?;
     cluster.create_namespace("agents", &[]).await?;
-    let bindings = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bindings.json"),
-    )?;
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": { "name": keys::bindings_configmap_name("research-agent"), "namespace": "agents",
-                      "labels": { "app.kubernetes.io/managed-by": keys::MANAGED_BY } },
-        "data": { keys::BINDINGS_CONFIGMAP_KEY: bindings },
-    }))?;
-    Api::<ConfigMap>::namespaced(cluster.client.clone(), "agents")
-        .create(&PostParams::default(), &cm)
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/generated");
+    cluster
+        .install_crds(&[crds.join("credbroker.dev_credentialbindings.yaml")])
         .await?;
+    // The two bindings of the golden files, as the team applies them.
+    let published = credbroker_crds::config::SidecarBindings::from_json(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bindings.json"),
+    )?)
+    .map_err(|e| Failure(e.to_string()))?;
+    let api =
+        Api::<credbroker_crds::CredentialBinding>::namespaced(cluster.client.clone(), "agents");
+    for b in published.bindings {
+        let binding: credbroker_crds::CredentialBinding = serde_json::from_value(json!({
+            "apiVersion": "credbroker.dev/v1alpha1", "kind": "CredentialBinding",
+            "metadata": { "name": b.id, "namespace": "agents" },
+            "spec": {
+                "serviceAccountName": "research-agent",
+                "source": { "vault": b.secret },
+                "placeholder": b.placeholder,
+                "destinations": b.destinations.iter()
+                    .map(|d| json!({ "host": d.host, "port": d.port })).collect::<Vec<_>>(),
+            },
+        }))?;
+        api.create(&PostParams::default(), &binding).await?;
+    }
 
     let dir = tempfile::tempdir()?;
     let ca = TestCa::new("bench webhook CA")?;
