@@ -153,8 +153,9 @@ pub fn mutate(
     let built = Built::new(settings, service_account(&pod));
     let already_injected = built.is_in(pod_json);
     // A pod being created has no uid yet; one that carries a uid is a copy
-    // of a stored pod (`kubectl get -o yaml | kubectl create`, `debug
-    // --copy-to`), and gets placeholders of its own.
+    // of a stored pod (`kubectl get -o yaml`, uid left in), and gets
+    // placeholders of its own. A copy made without the uid (`kubectl debug
+    // --copy-to`) looks injected, and keeps the original's placeholders.
     let is_copy = pod.metadata.uid.as_ref().is_some_and(|u| !u.is_empty());
     let mut warnings = Vec::new();
 
@@ -335,7 +336,10 @@ fn check_pod(pod: &Pod, settings: &InjectSettings) -> Result<(), Refusal> {
     }
     // The node's files hold every other pod's tokens, the broker's among
     // them. Injected namespaces cannot use Pod Security's baseline level
-    // (the init container needs NET_ADMIN), so this check stands in for it.
+    // (the init container needs NET_ADMIN), so this check, with the
+    // capability allow-list below, stands in for the parts of it that
+    // reach the broker (not all of baseline: seccomp, AppArmor, SELinux,
+    // procMount, host ports and sysctls are not checked).
     if let Some(v) = spec
         .volumes
         .iter()
@@ -624,11 +628,21 @@ pub fn covers(have: &Value, want: &Value) -> bool {
     }
 }
 
-/// [`covers`] for a broker container, whose `resources` are the one part
-/// kept as found: the API server rewrites quantities (`0.05` to `50m`) and
-/// copies limits into missing requests, and no resource setting widens
-/// what the container can do.
+/// [`covers`] for a broker container, whose cpu, memory and
+/// ephemeral-storage requests and limits are the one part kept as found:
+/// the API server rewrites quantities (`0.05` to `50m`) and copies limits
+/// into missing requests, and none of those widens what the container can
+/// do. Anything else under `resources` (claims, extended resources a device
+/// plugin answers with mounts, env or devices) means it is not ours.
 fn covers_container(have: &Value, want: &Value) -> bool {
+    const PLAIN: [&str; 3] = ["cpu", "memory", "ephemeral-storage"];
+    let plain_resources = have["resources"].as_object().is_none_or(|r| {
+        r.iter().all(|(k, v)| {
+            (k == "requests" || k == "limits")
+                && v.as_object()
+                    .is_some_and(|list| list.keys().all(|name| PLAIN.contains(&name.as_str())))
+        })
+    });
     let without = |v: &Value| {
         let mut v = v.clone();
         if let Some(obj) = v.as_object_mut() {
@@ -636,7 +650,7 @@ fn covers_container(have: &Value, want: &Value) -> bool {
         }
         v
     };
-    covers(&without(have), &without(want))
+    plain_resources && covers(&without(have), &without(want))
 }
 
 /// The existing item of the same name when `same` says it is what was
@@ -681,15 +695,23 @@ fn edit_agent(
         env.push(ours);
     }
     for (var, value) in trust_variables() {
-        let Some(i) = env.iter().position(|e| e["name"] == json!(var)) else {
+        // Kubernetes takes the last entry of a name.
+        let Some(i) = env.iter().rposition(|e| e["name"] == json!(var)) else {
             env.push(json!({ "name": var, "value": value }));
             continue;
         };
+        if !env[i]["valueFrom"].is_null() {
+            warnings.push(format!(
+                "container {name}: env {var} comes from valueFrom and is kept; unless what it \
+                 names trusts credbroker's pod CA, TLS to bound hosts fails from this container"
+            ));
+            continue;
+        }
         let theirs = env[i]["value"].as_str().unwrap_or_default().to_owned();
         if theirs == value || (var == "JAVA_TOOL_OPTIONS" && theirs.ends_with(&value)) {
             continue;
         }
-        if var == "JAVA_TOOL_OPTIONS" && !theirs.contains("-Djavax.net.ssl.trustStore") {
+        if var == "JAVA_TOOL_OPTIONS" && !theirs.contains("-Djavax.net.ssl.trustStore=") {
             // JVM options add up: the truststore joins the pod's own.
             env[i] = json!({ "name": var, "value": format!("{theirs} {value}") });
             continue;
@@ -1116,6 +1138,16 @@ mod tests {
             &with(json!({ "requests": { "cpu": "50m" } })),
             &with(json!({ "requests": { "cpu": "0.05" } }))
         ));
+        // Claims and extended resources reach devices and mounts: not ours.
+        for extra in [
+            json!({ "claims": [ { "name": "gpu" } ] }),
+            json!({ "limits": { "vendor.example/device": "1" } }),
+        ] {
+            assert!(
+                !covers_container(&with(extra.clone()), &with(json!({}))),
+                "{extra}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Starting and stopping the webhook: check the flags, connect to the API
 //! server, load the serving certificate (mounted, or self-managed through
-//! a Secret), watch the bindings ConfigMaps, then serve admission on HTTPS
+//! a Secret), watch the CredentialBindings, then serve admission on HTTPS
 //! and probes and metrics on plain HTTP until SIGTERM.
 
 use std::net::SocketAddr;

@@ -1155,7 +1155,8 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
         (
             "allowing privilege escalation",
             json!({ "allowPrivilegeEscalation": true, "capabilities": { "drop": ["ALL"] } }),
-            "ephemeral container debugger: securityContext.allowPrivilegeEscalation is true".into(),
+            "ephemeral container debugger: securityContext.allowPrivilegeEscalation is not false"
+                .into(),
         ),
         (
             "as root with the runtime's default capabilities (SETUID, SETGID)",
@@ -1202,16 +1203,31 @@ async fn ephemeral_containers_keep_away_from_the_broker() -> TestResult {
         .await,
     );
     cases.api_admitted(
-        "a root debugger dropping setuid and CAP_SETGID",
+        "a root debugger dropping setuid, CAP_SETGID and net_raw, without privilege escalation",
         add_ephemeral(
             &pods,
             "debugged",
             debugger(
                 "dropper",
-                json!({ "securityContext": { "capabilities": { "drop": ["setuid", "CAP_SETGID"] } } }),
+                json!({ "securityContext": { "allowPrivilegeEscalation": false,
+                    "capabilities": { "drop": ["setuid", "CAP_SETGID", "net_raw"] } } }),
             ),
         )
         .await,
+    );
+    cases.api_refused(
+        "a root debugger dropping setuid and setgid, with privilege escalation left unset",
+        add_ephemeral(
+            &pods,
+            "debugged",
+            debugger(
+                "unset-escalation",
+                json!({ "securityContext": {
+                    "capabilities": { "drop": ["SETUID", "SETGID", "NET_RAW"] } } }),
+            ),
+        )
+        .await,
+        &["allowPrivilegeEscalation is not false"],
     );
     cases.api_admitted(
         "a root debugger with default capabilities in a pod with no broker token",
