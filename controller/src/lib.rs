@@ -23,6 +23,7 @@ pub mod run;
 pub mod settings;
 pub mod status;
 pub mod sweep;
+pub mod uninstall;
 pub mod vault;
 
 /// What went wrong talking to Vault. `Clone`, so one failure can be told

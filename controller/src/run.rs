@@ -61,12 +61,18 @@ pub struct Args {
     /// --print-vault-policy; repeat for several).
     #[arg(long = "kv-mount", default_value = "secret")]
     pub kv_mounts: Vec<String>,
+    /// Remove the controller's finalizer from every CredentialBinding and
+    /// exit: what the Helm chart's post-delete hook runs once the
+    /// controller is gone. Touches no Vault object (their grants stay
+    /// until a controller's sweep or an admin removes them).
+    #[arg(long, conflicts_with = "print_vault_policy")]
+    pub remove_finalizers: bool,
 
     /// Vault's address, `https://host:port`.
     #[arg(
         long,
         env = "VAULT_ADDR",
-        required_unless_present = "print_vault_policy"
+        required_unless_present_any = ["print_vault_policy", "remove_finalizers"]
     )]
     pub vault_addr: Option<String>,
     /// How the controller itself logs in to Vault.
@@ -326,6 +332,16 @@ pub async fn run(args: Args) -> Result<()> {
                 )
             );
         }
+        return Ok(());
+    }
+    if args.remove_finalizers {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            Error::config(
+                "the Kubernetes client (in-cluster config or KUBECONFIG)",
+                e.to_string(),
+            )
+        })?;
+        crate::uninstall::remove_finalizers(client).await?;
         return Ok(());
     }
     info!(
