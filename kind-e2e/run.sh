@@ -42,6 +42,9 @@ REFRESH_SECONDS="${REFRESH_SECONDS:-2}"
 # How long the request loop runs across the rotation.
 ROTATION_WINDOW_SECONDS="${ROTATION_WINDOW_SECONDS:-12}"
 WAIT_TIMEOUT="${WAIT_TIMEOUT:-300s}"
+# The audience of the controller's projected Vault token (the chart's
+# vault.controllerAudience); its Vault role requires it.
+CONTROLLER_AUDIENCE="${CONTROLLER_AUDIENCE:-vault}"
 WORK="${WORK_DIR:-$HERE/.work/$CLUSTER_NAME}"
 
 CONTEXT="kind-$CLUSTER_NAME"
@@ -326,6 +329,7 @@ vault:
   address: $BAO_ADDR_IN_CLUSTER
   authMount: kubernetes
   controllerRole: $CONTROLLER_ROLE
+  controllerAudience: $CONTROLLER_AUDIENCE
 images:
   pullPolicy: Never
   sidecar: { repository: $IMAGE_PREFIX/sidecar, tag: "$IMAGE_TAG" }
@@ -335,18 +339,9 @@ images:
 EOF
 chart_args=(-n "$BROKER_NS" -f "$WORK/credbroker-values.yaml" --set-file "vault.caBundle=$WORK/openbao/ca.crt")
 
-# The controller logs in with a projected token whose audience its Vault
-# role must require. The chart chooses that audience; read it from what the
-# chart renders (the first serviceAccountToken projection: the controller's)
-# unless CONTROLLER_AUDIENCE says otherwise, and check it on the live
-# Deployment below.
-if [ -z "${CONTROLLER_AUDIENCE:-}" ]; then
-  h template credbroker "$ROOT/charts/credbroker" "${chart_args[@]}" > "$WORK/credbroker-rendered.yaml"
-  CONTROLLER_AUDIENCE="$(awk '/serviceAccountToken:/ { found = 1; next }
-    found && /audience:/ { v = $2; gsub(/["\047]/, "", v); print v; exit }' "$WORK/credbroker-rendered.yaml")"
-fi
-[ -n "$CONTROLLER_AUDIENCE" ] ||
-  fail "could not find the controller's token audience in the chart; set CONTROLLER_AUDIENCE"
+# The controller logs in with a projected token of audience
+# vault.controllerAudience; its role requires exactly that audience (checked
+# on the live Deployment below).
 bao write "auth/kubernetes/role/$CONTROLLER_ROLE" \
   bound_service_account_names="$CONTROLLER_SA" \
   bound_service_account_namespaces="$BROKER_NS" \
