@@ -18,9 +18,9 @@ app.kubernetes.io/name: credbroker-{{ .component }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 {{- end -}}
 
-{{/* A component's labels (selector labels + common). */}}
+{{/* A component's labels (its selector labels among them: the common ones carry the instance). */}}
 {{- define "credbroker.componentLabels" -}}
-{{ include "credbroker.selectorLabels" . }}
+app.kubernetes.io/name: credbroker-{{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{ include "credbroker.labels" .ctx }}
 {{- end -}}
