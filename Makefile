@@ -4,14 +4,14 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 # The environment the tests need (KUBEBUILDER_ASSETS, CREDBROKER_BAO,
-# CREDBROKER_CARGO_FUZZ), as written by hack/setup.sh (its progress goes to
-# stderr).
+# CREDBROKER_CARGO_FUZZ, CREDBROKER_HELM, CREDBROKER_KUBECONFORM), as written
+# by hack/setup.sh (its progress goes to stderr).
 TEST_ENV := target/credbroker-test.env
 # Seconds per fuzz target: a smoke run in `make test`, longer in `make fuzz`.
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_SECONDS ?= 60
 
-.PHONY: test setup lint fmt crds build-tests demo fuzz
+.PHONY: test setup lint fmt crds build-tests demo fuzz chart
 
 ## test: install what the tests need, lint, build, then run every test,
 ## including the ones marked #[ignore = "needs ..."] that use real parts
@@ -48,9 +48,19 @@ fmt:
 fuzz: setup
 	@set -a; source $(TEST_ENV); set +a; hack/fuzz.sh $(FUZZ_SECONDS)
 
-## crds: regenerate crds/generated/*.yaml from the Rust types.
+## chart: only the Helm chart's tests (e2e/tests/chart.rs: helm lint, the
+## values schema, kubeconform, the API server's dry run, drift against
+## webhook/deploy and controller/deploy); `make test` runs them too.
+chart: setup
+	$(CARGO) build --locked -p credbroker-controller
+	@set -a; source $(TEST_ENV); set +a; \
+	$(CARGO) test --locked -p credbroker-e2e --test chart -- --include-ignored
+
+## crds: regenerate crds/generated/*.yaml from the Rust types, and the
+## chart's copy (charts/credbroker/crds, which a test holds byte-identical).
 crds:
 	$(CARGO) run -q -p credbroker-crds --bin crdgen
+	cp crds/generated/*.yaml charts/credbroker/crds/
 
 ## demo: the five-step journey through Vault (OpenBao) and the broker,
 ## without Kubernetes (demo/run.sh, on loopback; it cleans up after itself).

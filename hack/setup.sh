@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine that has
-# Rust and Go: Debian packages, the OpenBao binary, and the Kubernetes test
-# binaries (etcd, kube-apiserver, kubectl) in the envtest layout.
+# Rust and Go: Debian packages, the OpenBao binary, the Kubernetes test
+# binaries (etcd, kube-apiserver, kubectl) in the envtest layout, and helm and
+# kubeconform for the chart's tests.
 #
 # Everything is cached under $CREDBROKER_CACHE (default ~/.cache/credbroker), so
 # a second run only checks. The last line it prints is the environment the
@@ -29,6 +30,12 @@ if $DEMO_ONLY; then
   DEBIAN_PACKAGES=(curl ca-certificates python3 python3-venv)
 fi
 CARGO_FUZZ_VERSION=0.13.1
+# The chart's tests (e2e/tests/chart.rs): helm renders and lints the chart,
+# kubeconform checks what it renders. Both are built from the Go module
+# proxy (no release downloads).
+HELM_VERSION=v3.22.0
+HELM_K8S_MINOR=37 # the minor of the k8s.io/client-go that helm $HELM_VERSION requires (v0.37.x)
+KUBECONFORM_VERSION=v0.8.0
 GO_MIN_MINOR=26 # the Kubernetes module's go.mod asks for go 1.26
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -121,6 +128,31 @@ else
 fi
 ln -sf "$BAO_BIN" "$CACHE/bin/bao"
 
+# --- helm and kubeconform, for the chart's tests ------------------------------
+# `go install` of a module version, so no replace directives get in the way;
+# the ldflags are the ones helm's own Makefile sets: its version, and the
+# Kubernetes version `helm template` / `helm lint` assume (else 1.20).
+HELM="$CACHE/helm-$HELM_VERSION/helm"
+KUBECONFORM="$CACHE/kubeconform-$KUBECONFORM_VERSION/kubeconform"
+if [[ ! -x "$HELM" || ! -x "$KUBECONFORM" ]] && ! command -v go > /dev/null; then
+  log "building helm $HELM_VERSION and kubeconform $KUBECONFORM_VERSION needs Go; found none (install Go, then run this again)"
+  exit 1
+fi
+if [[ ! -x "$HELM" ]]; then
+  helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in pkg/lint/rules pkg/chartutil; do
+    helm_ldflags+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$HELM_K8S_MINOR"
+  done
+  timed "helm $HELM_VERSION (go install from the Go module proxy; minutes on 2 cores)" bash -c \
+    "GOBIN='$CACHE/helm-$HELM_VERSION.tmp' CGO_ENABLED=0 go install -trimpath -ldflags='$helm_ldflags' helm.sh/helm/v3/cmd/helm@$HELM_VERSION && \
+     rm -rf '$CACHE/helm-$HELM_VERSION' && mv '$CACHE/helm-$HELM_VERSION.tmp' '$CACHE/helm-$HELM_VERSION'"
+fi
+if [[ ! -x "$KUBECONFORM" ]]; then
+  timed "kubeconform $KUBECONFORM_VERSION (go install from the Go module proxy)" bash -c \
+    "GOBIN='$CACHE/kubeconform-$KUBECONFORM_VERSION.tmp' CGO_ENABLED=0 go install -trimpath -ldflags='-s -w -X main.version=$KUBECONFORM_VERSION' github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION && \
+     rm -rf '$CACHE/kubeconform-$KUBECONFORM_VERSION' && mv '$CACHE/kubeconform-$KUBECONFORM_VERSION.tmp' '$CACHE/kubeconform-$KUBECONFORM_VERSION'"
+fi
+
 # --- cargo-fuzz, for the fuzz targets (hack/fuzz.sh) -------------------------
 CARGO_FUZZ="$CACHE/cargo/bin/cargo-fuzz"
 if ! "$CARGO_FUZZ" --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION"; then
@@ -128,6 +160,6 @@ if ! "$CARGO_FUZZ" --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION"; then
     cargo install --quiet --locked --root "$CACHE/cargo" cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
-log "ready: bao $("$BAO_BIN" version | awk '{print $2}'), etcd $("$ASSETS/etcd" --version | awk 'NR==1{print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version | awk '{print $2}')"
+log "ready: bao $("$BAO_BIN" version | awk '{print $2}'), etcd $("$ASSETS/etcd" --version | awk 'NR==1{print $3}'), kube-apiserver $("$ASSETS/kube-apiserver" --version | awk '{print $2}'), helm $("$HELM" version --template '{{.Version}}'), kubeconform $("$KUBECONFORM" -v)"
 # The environment the tests read (see test-support/src/lib.rs).
-echo "export KUBEBUILDER_ASSETS='$ASSETS' CREDBROKER_BAO='$BAO_BIN' CREDBROKER_CARGO_FUZZ='$CARGO_FUZZ'"
+echo "export KUBEBUILDER_ASSETS='$ASSETS' CREDBROKER_BAO='$BAO_BIN' CREDBROKER_CARGO_FUZZ='$CARGO_FUZZ' CREDBROKER_HELM='$HELM' CREDBROKER_KUBECONFORM='$KUBECONFORM'"
