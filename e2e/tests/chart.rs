@@ -215,6 +215,85 @@ fn the_charts_crds_are_the_generated_ones() -> TestResult {
 }
 
 // ---------------------------------------------------------------------------
+// values.yaml, values.schema.json and the README agree
+
+/// The value paths users set: leaves, and maps whose keys are free
+/// (resources, labels, selectors) as one.
+fn value_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    match v.as_object() {
+        Some(map)
+            if !map.is_empty() && !prefix.ends_with("resources") && !prefix.ends_with("labels") =>
+        {
+            for (k, child) in map {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                value_paths(child, &p, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+#[test]
+fn every_value_is_documented_in_values_yaml_the_schema_and_the_readme() -> TestResult {
+    let text = read(&chart().join("values.yaml"))?;
+    let values: Value =
+        serde_yaml::from_str(&text).map_err(|e| Failure(format!("values.yaml: {e}")))?;
+    let schema: Value = serde_json::from_str(&read(&chart().join("values.schema.json"))?)
+        .map_err(|e| Failure(format!("values.schema.json: {e}")))?;
+    let readme = read(&chart().join("README.md"))?;
+    let mut paths = Vec::new();
+    value_paths(&values, "", &mut paths);
+    let mut problems = Vec::new();
+    for p in &paths {
+        if !readme.contains(&format!("| `{p}` |")) {
+            problems.push(format!("{p}: not in the README's values table"));
+        }
+        let mut node = &schema;
+        for part in p.split('.') {
+            node = &node["properties"][part];
+        }
+        if node.is_null() {
+            problems.push(format!("{p}: not in values.schema.json"));
+        }
+    }
+    // A comment right above every key of values.yaml (those inside a
+    // resources map excepted).
+    let lines: Vec<&str> = text.lines().collect();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') || body.starts_with('-') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        let Some((key, _)) = body.split_once(':') else {
+            continue;
+        };
+        while stack.last().is_some_and(|(n, _)| *n >= indent) {
+            stack.pop();
+        }
+        let inside_resources = stack.iter().any(|(_, k)| k == "resources");
+        stack.push((indent, key.to_owned()));
+        let above = i
+            .checked_sub(1)
+            .map(|j| lines[j].trim_start())
+            .unwrap_or_default();
+        if !inside_resources && !above.starts_with('#') {
+            let path: Vec<&str> = stack.iter().map(|(_, k)| k.as_str()).collect();
+            problems.push(format!(
+                "{}: no comment above it in values.yaml",
+                path.join(".")
+            ));
+        }
+    }
+    check(problems.is_empty(), || problems.join("\n"))
+}
+
+// ---------------------------------------------------------------------------
 // helm lint and the values schema
 
 #[test]
