@@ -29,13 +29,21 @@ pub async fn remove_finalizers(client: kube::Client) -> Result<usize> {
     let api = Api::<CredentialBinding>::all(client.clone());
     let mut removed = 0;
     for pass in 1..=PASSES {
-        let list = api
-            .list(&ListParams::default())
-            .await
-            .map_err(|source| Error::Kube {
-                doing: "listing CredentialBindings".into(),
-                source,
-            })?;
+        let list = match api.list(&ListParams::default()).await {
+            Ok(list) => list,
+            // The CRD is gone (deleted before the uninstall): so is every
+            // binding, and nothing is left to hang.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                info!("the CredentialBinding CRD is not installed: no finalizer to remove");
+                return Ok(removed);
+            }
+            Err(source) => {
+                return Err(Error::Kube {
+                    doing: "listing CredentialBindings".into(),
+                    source,
+                });
+            }
+        };
         let mut this_pass = 0;
         for binding in list.items {
             let finalizers = binding.metadata.finalizers.clone().unwrap_or_default();
