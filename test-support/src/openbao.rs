@@ -61,6 +61,7 @@ pub struct OpenBaoBuilder {
     persistent: bool,
     binary: Option<PathBuf>,
     port: Option<u16>,
+    extra_config: Option<PathBuf>,
 }
 
 impl OpenBaoBuilder {
@@ -85,6 +86,14 @@ impl OpenBaoBuilder {
         self
     }
 
+    /// Also loads this config file (dev server only), e.g. a second, TLS
+    /// listener with a certificate for the name a pod dials; the fixture's
+    /// own client keeps the plain loopback listener.
+    pub fn extra_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.extra_config = Some(path.into());
+        self
+    }
+
     /// Starts the server and waits until it is unsealed and active.
     pub async fn start(self) -> Result<OpenBao> {
         let began = Instant::now();
@@ -102,7 +111,7 @@ impl OpenBaoBuilder {
             let started = if self.persistent {
                 start_persistent(&bin, dir.path(), port).await
             } else {
-                start_dev(&bin, dir.path(), port).await
+                start_dev(&bin, dir.path(), port, self.extra_config.as_deref()).await
             };
             match started {
                 Ok(started) => {
@@ -353,7 +362,7 @@ fn base_url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-async fn start_dev(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
+async fn start_dev(bin: &Path, dir: &Path, port: u16, extra: Option<&Path>) -> Result<Started> {
     // A root token of its own: if another process's server took our port
     // between choosing and binding it, the token check below fails rather
     // than handing this test someone else's server.
@@ -362,7 +371,7 @@ async fn start_dev(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
         crate::random_u32()?,
         crate::random_u32()?
     );
-    let args = [
+    let mut args = vec![
         "server".to_string(),
         "-dev".into(),
         format!("-dev-listen-address=127.0.0.1:{port}"),
@@ -370,6 +379,9 @@ async fn start_dev(bin: &Path, dir: &Path, port: u16) -> Result<Started> {
         // The fixture writes the token helper file itself, for both modes.
         "-dev-no-store-token".into(),
     ];
+    if let Some(extra) = extra {
+        args.push(format!("-config={}", extra.display()));
+    }
     // The dev server also binds a cluster listener on port + 1; if that port
     // is taken it only logs an error and serves the API anyway.
     let mut server = spawn_server(bin, dir, &args)?;
