@@ -176,6 +176,29 @@ fn matrix() -> Vec<(&'static str, Vec<&'static str>)> {
                 r#"controller.nodeSelector={"kubernetes.io/os":"linux"}"#,
             ],
         ),
+        (
+            "self-managed with digests, another audience, proxy UID and mounts",
+            vec![
+                "--set",
+                "brokerAudience=broker.example.com/aud",
+                "--set",
+                "images.sidecar.tag=sha256:abababababababababababababababababababababababababababababababab",
+                "--set",
+                "images.init.tag=sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+                "--set",
+                "proxy.uid=20001",
+                "--set",
+                "proxy.gid=20001",
+                "--set",
+                "vault.authMount=k8s/prod",
+                "--set",
+                "vault.controllerAuthMount=kubernetes",
+                "--set",
+                "images.pullPolicy=",
+                "--set-json",
+                "sidecar.resources={\"requests\":{\"cpu\":\"100m\",\"memory\":\"64Mi\"},\"limits\":{}}",
+            ],
+        ),
     ]
 }
 
@@ -633,6 +656,98 @@ fn env_from_downward_api(c: &Value, name: &str, field: &str) -> TestResult {
     check(found, || {
         format!("{name} is not {field} from the downward API")
     })
+}
+
+// ---------------------------------------------------------------------------
+// The real binaries accept the flags the chart gives them.
+
+fn string_args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Runs `binary` with `args` and no reachable API server: it must get past
+/// its flag checks and stop only where it first needs the outside world,
+/// whose error contains `stops_at`.
+fn run_until_outside_world(binary: &Path, args: &[String], stops_at: &str) -> TestResult {
+    let out = Command::new(binary)
+        .args(args)
+        .env("KUBECONFIG", "/nonexistent/credbroker-chart-test")
+        .env("POD_NAME", "credbroker-chart-test")
+        .env("POD_NAMESPACE", BROKER_NS)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("VAULT_ADDR")
+        .output()
+        .map_err(|e| Failure(format!("running {}: {e}", binary.display())))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(!out.status.success() && stderr.contains(stops_at), || {
+        format!(
+            "{} {args:?} did not stop at {stops_at:?} (so a flag was refused, or it went further):\n{stderr}",
+            binary.display()
+        )
+    })
+}
+
+#[test]
+#[ignore = "needs helm and the workspace's binaries (make test)"]
+fn the_binaries_accept_the_flags_the_chart_gives_them() -> TestResult {
+    let controller = credbroker_e2e::workspace_binary("credbroker-controller")?;
+    let webhook = credbroker_e2e::workspace_binary("credbroker-webhook")?;
+    let scratch = tempfile::tempdir().map_err(|e| Failure(e.to_string()))?;
+    let ca = credbroker_test_support::pki::TestCa::new("chart test Vault CA")?;
+    let ca_file = scratch.path().join("vault-ca.crt");
+    std::fs::write(&ca_file, ca.cert_pem()).map_err(|e| Failure(e.to_string()))?;
+    let ca_flag = format!("--vault-ca-file={}", ca_file.display());
+    let with_ca = |args: Vec<String>| -> Vec<String> {
+        args.into_iter()
+            .map(|a| {
+                if a.starts_with("--vault-ca-file=") {
+                    ca_flag.clone()
+                } else {
+                    a
+                }
+            })
+            .collect()
+    };
+    for (what, args) in matrix() {
+        let docs = documents(&template(BROKER_NS, &args)?)?;
+        // The webhook checks every injection and certificate setting, then
+        // connects to the API server.
+        let w = container(find(&docs, "Deployment", "credbroker-webhook")?, "webhook")?;
+        run_until_outside_world(
+            &webhook,
+            &with_ca(string_args(w)),
+            "connecting to the API server",
+        )
+        .map_err(|e| Failure(format!("{what}: {}", e.0)))?;
+        // The controller checks its flags and its Vault settings (the CA
+        // file, https), then reads its login token from the projected path.
+        let c = container(
+            find(&docs, "Deployment", "credbroker-controller")?,
+            "controller",
+        )?;
+        let mut argv = with_ca(string_args(c));
+        argv.push("--admin-addr=127.0.0.1:0".into());
+        run_until_outside_world(
+            &controller,
+            &argv,
+            "/var/run/secrets/credbroker-controller/vault-token",
+        )
+        .map_err(|e| Failure(format!("{what}: {}", e.0)))?;
+        // The uninstall hook's flags parse and it goes for the API server.
+        let job = find(&docs, "Job", "credbroker-uninstall")?;
+        run_until_outside_world(
+            &controller,
+            &string_args(&job["spec"]["template"]["spec"]["containers"][0]),
+            "the Kubernetes client",
+        )
+        .map_err(|e| Failure(format!("{what}: {}", e.0)))?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
