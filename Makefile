@@ -52,7 +52,7 @@ fuzz: setup
 ## values schema, kubeconform, the API server's dry run, drift against
 ## webhook/deploy and controller/deploy); `make test` runs them too.
 chart: setup
-	$(CARGO) build --locked -p credbroker-controller
+	$(CARGO) build --locked -p credbroker-controller -p credbroker-webhook -p credbroker-sidecar
 	@set -a; source $(TEST_ENV); set +a; \
 	$(CARGO) test --locked -p credbroker-e2e --test chart -- --include-ignored
 
