@@ -67,12 +67,18 @@ pub struct Args {
     /// until a controller's sweep or an admin removes them).
     #[arg(long, conflicts_with = "print_vault_policy")]
     pub remove_finalizers: bool,
+    /// Exit non-zero, naming them, if any CredentialBinding exists (Ok
+    /// when the CRD is not installed): what the Helm chart's pre-delete
+    /// hook runs, so an uninstall never leaves the bindings' Vault grants
+    /// behind unless `uninstall.allowWithBindings` says so. Touches nothing.
+    #[arg(long, conflicts_with_all = ["print_vault_policy", "remove_finalizers"])]
+    pub check_no_bindings: bool,
 
     /// Vault's address, `https://host:port`.
     #[arg(
         long,
         env = "VAULT_ADDR",
-        required_unless_present_any = ["print_vault_policy", "remove_finalizers"]
+        required_unless_present_any = ["print_vault_policy", "remove_finalizers", "check_no_bindings"]
     )]
     pub vault_addr: Option<String>,
     /// How the controller itself logs in to Vault.
@@ -343,6 +349,15 @@ pub async fn run(args: Args) -> Result<()> {
         })?;
         crate::uninstall::remove_finalizers(client).await?;
         return Ok(());
+    }
+    if args.check_no_bindings {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            Error::config(
+                "the Kubernetes client (in-cluster config or KUBECONFIG)",
+                e.to_string(),
+            )
+        })?;
+        return crate::uninstall::check_no_bindings(client).await;
     }
     info!(
         cluster_id = %args.cluster_id,
