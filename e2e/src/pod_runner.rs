@@ -169,6 +169,8 @@ pub struct Node {
     pub client: kube::Client,
     /// `/run/netns/<name>` of the pod's network namespace.
     pub netns: PathBuf,
+    /// The node's side, where the kubelet's probes come from (to the pod IP).
+    pub node_netns: PathBuf,
     pub pod_ip: IpAddr,
     pub cluster_dns: IpAddr,
     pub images: ImageMap,
@@ -178,6 +180,7 @@ impl Node {
     pub fn new(
         client: kube::Client,
         netns: &Netns,
+        node_netns: &Netns,
         pod_ip: IpAddr,
         cluster_dns: IpAddr,
         images: ImageMap,
@@ -185,6 +188,7 @@ impl Node {
         Self {
             client,
             netns: netns.path(),
+            node_netns: node_netns.path(),
             pod_ip,
             cluster_dns,
             images,
@@ -217,6 +221,7 @@ pub struct RunningPod {
     tmpfs: Vec<PathBuf>,
     shim: PathBuf,
     stop_refresh: Arc<AtomicBool>,
+    refresher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningPod {
@@ -441,11 +446,27 @@ fn check_volume(field: &str, v: &Value) -> Result<()> {
                 if !matches!(vv["medium"].as_str(), None | Some("" | "Memory")) {
                     return Err(unsupported(format!("{f}.medium"), "not implemented"));
                 }
+                // On disk the kubelet enforces the limit by eviction; the
+                // runner only sizes a tmpfs.
+                if vv.get("sizeLimit").is_some() && vv["medium"] != "Memory" {
+                    return Err(unsupported(
+                        format!("{f}.sizeLimit"),
+                        "only for medium: Memory (a tmpfs of that size)",
+                    ));
+                }
             }
             "configMap" => {
                 for ck in vv.as_object().into_iter().flatten().map(|(k, _)| k) {
                     if !matches!(ck.as_str(), "name" | "items" | "optional" | "defaultMode") {
                         return Err(unsupported(format!("{f}.{ck}"), "not implemented"));
+                    }
+                }
+                for (i, item) in vv["items"].as_array().into_iter().flatten().enumerate() {
+                    if item.get("mode").is_some() {
+                        return Err(unsupported(
+                            format!("{f}.items[{i}].mode"),
+                            "per-item modes are not implemented",
+                        ));
                     }
                 }
             }
@@ -566,8 +587,26 @@ fn identity(pod: &Pod, c: &Container, field: &str) -> Result<Identity> {
         })?,
     );
     let caps = sc.capabilities.unwrap_or_default();
-    let drop: Vec<String> = caps.drop.unwrap_or_default();
-    let add: Vec<String> = caps.add.unwrap_or_default();
+    // As the runtimes take them: any case, with or without CAP_.
+    let normalise = |list: Option<Vec<String>>, which: &str| -> Result<Vec<String>> {
+        list.unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                let up = c.to_uppercase();
+                let name = up.strip_prefix("CAP_").unwrap_or(&up).to_owned();
+                if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') {
+                    Err(unsupported(
+                        format!("{field}.securityContext.capabilities.{which}"),
+                        format!("{c:?} is not a capability name"),
+                    ))
+                } else {
+                    Ok(name)
+                }
+            })
+            .collect()
+    };
+    let drop: Vec<String> = normalise(caps.drop, "drop")?;
+    let add: Vec<String> = normalise(caps.add, "add")?;
     let mut bounding: Vec<String> = if drop.iter().any(|d| d == "ALL") {
         Vec::new()
     } else {
@@ -653,6 +692,33 @@ pub fn parse_cpu(q: &str) -> Option<u64> {
     (cores >= 0.0).then(|| (cores * 1000.0).round() as u64)
 }
 
+/// The kubelet's `$(NAME)` expansion in command, args and env values: a
+/// defined variable is replaced, `$$` is a literal `$`, anything else (an
+/// undefined name, `$((…))`) is kept as written.
+pub fn expand(input: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('(')
+            && let Some(end) = body.find(')')
+            && let Some((_, value)) = env.iter().rev().find(|(k, _)| *k == body[..end])
+        {
+            out.push_str(value);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
@@ -691,6 +757,7 @@ impl RunningPod {
         crate::require_tools(&["nsenter", "unshare", "setpriv", "chroot", "mount"])?;
         let json = serde_json::to_value(pod).map_err(|e| Error::Other(e.to_string()))?;
         check_fields(&json)?;
+        require_seccomp_module(pod)?;
         let spec = pod
             .spec
             .clone()
@@ -742,15 +809,18 @@ impl RunningPod {
             tmpfs: Vec::new(),
             shim,
             stop_refresh: Arc::new(AtomicBool::new(false)),
+            refresher: None,
         };
+        let mut issued = BTreeMap::new();
         let volumes = running
-            .materialise_volumes(pod, &spec.volumes.clone().unwrap_or_default())
+            .materialise_volumes(pod, &spec.volumes.clone().unwrap_or_default(), &mut issued)
             .await?;
-        running.start_refresher(
+        running.refresher = Some(running.start_refresher(
             pod.clone(),
             spec.volumes.clone().unwrap_or_default(),
             volumes.clone(),
-        );
+            issued,
+        ));
         let grace =
             Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
         for (i, c) in spec
@@ -794,6 +864,7 @@ impl RunningPod {
         &mut self,
         pod: &Pod,
         volumes: &[Volume],
+        issued: &mut BTreeMap<String, (Instant, Duration)>,
     ) -> Result<BTreeMap<String, PathBuf>> {
         let mut dirs = BTreeMap::new();
         let base = self.state.path().join("volumes");
@@ -831,17 +902,22 @@ impl RunningPod {
             }
             dirs.insert(v.name.clone(), dir);
         }
-        refresh_volumes(&self.node, pod, volumes, &dirs, &mut BTreeMap::new()).await?;
+        refresh_volumes(&self.node, pod, volumes, &dirs, issued).await?;
         Ok(dirs)
     }
 
-    fn start_refresher(&self, pod: Pod, volumes: Vec<Volume>, dirs: BTreeMap<String, PathBuf>) {
+    fn start_refresher(
+        &self,
+        pod: Pod,
+        volumes: Vec<Volume>,
+        dirs: BTreeMap<String, PathBuf>,
+        mut issued: BTreeMap<String, (Instant, Duration)>,
+    ) -> tokio::task::JoinHandle<()> {
         let node = self.node.clone();
         let stop = self.stop_refresh.clone();
         let name = self.name.clone();
         let namespace = self.namespace.clone();
         tokio::spawn(async move {
-            let mut issued = BTreeMap::new();
             let api = Api::<Pod>::namespaced(node.client.clone(), &namespace);
             let mut current = pod;
             while !stop.load(Ordering::Relaxed) {
@@ -853,7 +929,7 @@ impl RunningPod {
                 // kubelet does.
                 let _ = refresh_volumes(&node, &current, &volumes, &dirs, &mut issued).await;
             }
-        });
+        })
     }
 
     async fn spawn_container(
@@ -898,6 +974,8 @@ impl RunningPod {
                     ));
                 }
             };
+            // `$(NAME)` refers to the entries before this one.
+            let value = expand(&value, &env);
             // A later entry of the same name wins, as in the kubelet.
             env.retain(|(k, _)| k != &e.name);
             env.push((e.name.clone(), value));
@@ -908,6 +986,7 @@ impl RunningPod {
             .unwrap_or_default()
             .into_iter()
             .chain(c.args.clone().unwrap_or_default())
+            .map(|a| expand(&a, &env))
             .collect();
         if argv.is_empty() {
             return Err(unsupported(
@@ -1186,6 +1265,12 @@ impl RunningPod {
             .and_then(|sc| sc.read_only_root_filesystem)
             == Some(true);
         if read_only_root {
+            // The runner's fresh /tmp and /run are part of the image's root
+            // for a runtime: read-only with it.
+            let _ = writeln!(
+                s,
+                "mount -o remount,ro \"$R/tmp\"; mount -o remount,ro \"$R/run\""
+            );
             let _ = writeln!(s, "mount -o remount,ro \"$R\"");
         }
         let _ = writeln!(s, "cd \"$R\"");
@@ -1264,7 +1349,15 @@ impl RunningPod {
                     name: c.name.clone(),
                     detail: format!("exited before its startupProbe passed: {e}"),
                 })?;
-            if http_probe(&self.node.netns, port, &path, timeout).await {
+            if http_probe(
+                &self.node.node_netns,
+                self.node.pod_ip,
+                port,
+                &path,
+                timeout,
+            )
+            .await
+            {
                 return Ok(());
             }
             tokio::time::sleep(period).await;
@@ -1293,11 +1386,12 @@ impl RunningPod {
         let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
         let failures = self.containers[index].liveness_failures.clone();
         let stop = self.stop_refresh.clone();
-        let netns = self.node.netns.clone();
+        let netns = self.node.node_netns.clone();
+        let pod_ip = self.node.pod_ip;
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(period).await;
-                if http_probe(&netns, port, &path, timeout).await {
+                if http_probe(&netns, pod_ip, port, &path, timeout).await {
                     failures.store(0, Ordering::Relaxed);
                 } else {
                     failures.fetch_add(1, Ordering::Relaxed);
@@ -1440,6 +1534,10 @@ impl RunningPod {
 impl Drop for RunningPod {
     fn drop(&mut self) {
         self.stop_refresh.store(true, Ordering::Relaxed);
+        // No refresh may write into the folders removed below.
+        if let Some(refresher) = self.refresher.take() {
+            refresher.abort();
+        }
         let cgroups: Vec<PathBuf> = self
             .containers
             .iter()
@@ -1522,6 +1620,50 @@ fn probe_port(get: &k8s_openapi::api::core::v1::HTTPGetAction, field: &str) -> R
     }
 }
 
+/// Fails, saying what to install, when a container asks for RuntimeDefault
+/// and Debian's python3-seccomp is missing (else the container would die
+/// with an ImportError buried in its log).
+fn require_seccomp_module(pod: &Pod) -> Result<()> {
+    let wants = |p: &Option<k8s_openapi::api::core::v1::SeccompProfile>| {
+        p.as_ref().is_some_and(|p| p.type_ == "RuntimeDefault")
+    };
+    let spec = pod.spec.clone().unwrap_or_default();
+    let pod_level = wants(
+        &spec
+            .security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.clone()),
+    );
+    let any = pod_level
+        || spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| {
+                wants(
+                    &c.security_context
+                        .as_ref()
+                        .and_then(|s| s.seccomp_profile.clone()),
+                )
+            });
+    if !any {
+        return Ok(());
+    }
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import seccomp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Other(
+            "seccompProfile RuntimeDefault needs Debian's python3-seccomp for /usr/bin/python3 \
+             (apt-get install python3-seccomp, or run make setup)"
+                .into(),
+        ))
+    }
+}
+
 /// SIGKILLs the container's first process, which ends its PID namespace and
 /// with it every process inside. Killing `unshare` alone is not enough: the
 /// UID change at the last exec clears the parent-death signal.
@@ -1580,9 +1722,15 @@ async fn wait_exit(container: &RunningContainer, field: &str) -> Result<String> 
     }
 }
 
-/// GET `http://127.0.0.1:port/path` from inside the pod's network; 200–399
-/// passes, as for the kubelet.
-async fn http_probe(netns: &Path, port: u16, path: &str, timeout: Duration) -> bool {
+/// GET `http://<pod IP>:port/path` from the node's network, as the kubelet
+/// does; 200–399 passes.
+async fn http_probe(
+    netns: &Path,
+    pod_ip: IpAddr,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> bool {
     let netns = netns.to_path_buf();
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -1591,8 +1739,7 @@ async fn http_probe(netns: &Path, port: u16, path: &str, timeout: Duration) -> b
         };
         let stream = std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), timeout)
-                .ok()
+            std::net::TcpStream::connect_timeout(&SocketAddr::new(pod_ip, port), timeout).ok()
         })
         .join()
         .ok()
@@ -1851,5 +1998,25 @@ mod tests {
             resolve_in_root("/etc/credbroker/../credbroker/pod"),
             PathBuf::from("/etc/credbroker/pod")
         );
+    }
+}
+
+#[cfg(test)]
+mod expand_tests {
+    use super::expand;
+
+    #[test]
+    fn dollar_references_expand_as_the_kubelet_does() {
+        let env = vec![
+            ("A".to_owned(), "x".to_owned()),
+            ("B".to_owned(), "y".to_owned()),
+        ];
+        assert_eq!(expand("$(A)-$(B)", &env), "x-y");
+        assert_eq!(expand("$$(A)", &env), "$(A)");
+        assert_eq!(
+            expand("$(C) $((i+1)) $(curl -s)", &env),
+            "$(C) $((i+1)) $(curl -s)"
+        );
+        assert_eq!(expand("cost $5", &env), "cost $5");
     }
 }

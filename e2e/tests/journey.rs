@@ -683,6 +683,7 @@ spec:
     let node = Node::new(
         client.clone(),
         world.pod_netns(),
+        world.pair.b().netns(),
         IpAddr::V4(world.pair.a().ipv4()),
         IpAddr::V4(world.pair.b().ipv4()),
         images,

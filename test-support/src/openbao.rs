@@ -108,6 +108,12 @@ impl OpenBaoBuilder {
                 Some(port) => port,
                 None => free_port()?,
             };
+            if self.persistent && self.extra_config.is_some() {
+                return Err(Error::Other(
+                    "OpenBao fixture: extra_config is for the dev server only, not persistent()"
+                        .into(),
+                ));
+            }
             let started = if self.persistent {
                 start_persistent(&bin, dir.path(), port).await
             } else {
