@@ -12,7 +12,9 @@
 //!   admission policies and the RBAC equal `webhook/deploy/*.yaml` and
 //!   `controller/deploy/rbac.yaml`, which the crates' acceptance tests use;
 //! - the values the webhook gets as flags are the ones templated into the
-//!   policies' CEL variables;
+//!   policies' CEL variables (and the webhook's ServiceAccount into the
+//!   policy that lets it change only its registration's caBundle);
+//! - a namespace or release named `no` or `on` stays a string;
 //! - the uninstall hook's RBAC is enough for `credbroker-controller
 //!   --remove-finalizers`, which takes only the controller's finalizer off.
 //!
@@ -37,6 +39,9 @@ const NEEDS_ALL: &str = "needs helm and kube-apiserver (make setup)";
 /// The Kubernetes version the chart is rendered for: the test API server's.
 const KUBE_VERSION: &str = "v1.36.3";
 const BROKER_NS: &str = "credbroker-system";
+/// The policy that lets the webhook change only the caBundle of its
+/// MutatingWebhookConfiguration.
+const WEBHOOK_CONFIGURATION_POLICY: &str = "credbroker-webhook-configuration";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -336,8 +341,14 @@ fn lint_passes_with_the_ci_values_and_names_each_bad_value() -> TestResult {
     let cases: &[(&[&str], &[&str])] = &[
         (&[], &["/clusterId", "/vault/address"]),
         (&["--set", "clusterId=a"], &["/vault/address"]),
+        // Cleartext is refused with a message that says so, before the
+        // full pattern; other malformed addresses by the pattern.
         (
             &["-f", &ci, "--set", "vault.address=http://vault:8200"],
+            &["/vault/address", "http:// is refused"],
+        ),
+        (
+            &["-f", &ci, "--set", "vault.address=vault:8200"],
             &["/vault/address", "does not match pattern"],
         ),
         (
@@ -353,6 +364,17 @@ fn lint_passes_with_the_ci_values_and_names_each_bad_value() -> TestResult {
             &["additional properties", "adress"],
         ),
         (&["-f", &ci, "--set", "proxy.uid=0"], &["/proxy/uid"]),
+        // The default users of distroless nonroot images (and of the
+        // controller and webhook) and nobody: their containers would
+        // bypass capture.
+        (
+            &["-f", &ci, "--set", "proxy.uid=65532"],
+            &["/proxy/uid", "65532 (distroless nonroot)"],
+        ),
+        (
+            &["-f", &ci, "--set", "proxy.uid=65534"],
+            &["/proxy/uid", "65534 (nobody)"],
+        ),
         (&["-f", &ci, "--set", "proxy.port=70000"], &["/proxy/port"]),
         (
             &[
@@ -362,6 +384,39 @@ fn lint_passes_with_the_ci_values_and_names_each_bad_value() -> TestResult {
                 r#"proxy.excludeCidrs=["10.0.0.0"]"#,
             ],
             &["/proxy/excludeCidrs/0"],
+        ),
+        // A /0 would exclude every address: capture off.
+        (
+            &[
+                "-f",
+                &ci,
+                "--set-json",
+                r#"proxy.excludeCidrs=["10.96.0.0/12","0.0.0.0/0"]"#,
+            ],
+            &["/proxy/excludeCidrs/1", "a /0 excludes every address"],
+        ),
+        (
+            &["-f", &ci, "--set-json", r#"proxy.excludeCidrs=["::/0"]"#],
+            &["/proxy/excludeCidrs/0", "a /0 excludes every address"],
+        ),
+        // A token the API server itself would accept.
+        (
+            &[
+                "-f",
+                &ci,
+                "--set",
+                "brokerAudience=https://kubernetes.default.svc.cluster.local",
+            ],
+            &["/brokerAudience", "never one the API server accepts"],
+        ),
+        (
+            &[
+                "-f",
+                &ci,
+                "--set",
+                "brokerAudience=https://kubernetes.default.svc",
+            ],
+            &["/brokerAudience", "never one the API server accepts"],
         ),
         (
             &["-f", &ci, "--set", "clusterId=has space"],
@@ -411,19 +466,38 @@ fn lint_passes_with_the_ci_values_and_names_each_bad_value() -> TestResult {
     }
     // What the schema cannot say, the templates check (helm lint reports
     // a template's `fail` only as INFO, so helm template it is).
-    let (ok, out) = helm_output(&[
-        "template",
-        "credbroker",
-        &chart,
-        "-f",
-        &ci,
-        "--set",
-        "networkPolicy.enabled=true",
-    ])?;
-    check(
-        !ok && out.contains("networkPolicy.controlPlaneCidrs or networkPolicy.webhookFrom"),
-        || format!("a NetworkPolicy that admits no API server was rendered:\n{out}"),
-    )
+    let template_cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["--set", "networkPolicy.enabled=true"],
+            "networkPolicy.controlPlaneCidrs or networkPolicy.webhookFrom",
+            "a NetworkPolicy that admits no API server",
+        ),
+        // The controller's Vault login token must not be a broker token.
+        (
+            &["--set", "brokerAudience=vault"],
+            "brokerAudience and vault.controllerAudience are both \"vault\"",
+            "a brokerAudience equal to vault.controllerAudience",
+        ),
+        (
+            &[
+                "--set",
+                "brokerAudience=shared",
+                "--set",
+                "vault.controllerAudience=shared",
+            ],
+            "brokerAudience and vault.controllerAudience are both \"shared\"",
+            "a vault.controllerAudience equal to brokerAudience",
+        ),
+    ];
+    for (args, says, what) in template_cases {
+        let mut full = vec!["template", "credbroker", chart.as_str(), "-f", ci.as_str()];
+        full.extend_from_slice(args);
+        let (ok, out) = helm_output(&full)?;
+        check(!ok && out.contains(says), || {
+            format!("{what} was rendered, or refused without saying {says:?}:\n{out}")
+        })?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -592,6 +666,16 @@ fn pods_are_hardened_highly_available_and_probed() -> TestResult {
         let writes_mwc = cluster_role
             .to_string()
             .contains("mutatingwebhookconfigurations");
+        // What the webhook may change in its registration is only the
+        // caBundle: the policy is there in both modes (needed when it
+        // writes the configuration, harmless when cert-manager does).
+        for kind in [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            find(&docs, kind, WEBHOOK_CONFIGURATION_POLICY)
+                .map_err(|e| Failure(format!("{what}: {}", e.0)))?;
+        }
         if what.starts_with("cert-manager") {
             check(flag(&wf, "--cert-mode")? == "provided", || {
                 format!("{what}: {wf:?}")
@@ -833,6 +917,89 @@ fn compare_with_deploy_files(ns: &str) -> TestResult {
     })
 }
 
+/// The paths of every boolean in `v`: a namespace or release name YAML
+/// could read as one (`no`, `on`) must stay a string wherever the chart
+/// puts it, so a rendering in such a namespace holds no booleans beyond
+/// the ones it holds anyway.
+fn booleans(v: &Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Bool(_) => out.push(at.to_owned()),
+        Value::Object(map) => map
+            .iter()
+            .for_each(|(k, c)| booleans(c, &format!("{at}.{k}"), out)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .for_each(|(i, c)| booleans(c, &format!("{at}[{i}]"), out)),
+        _ => {}
+    }
+}
+
+#[test]
+#[ignore = "needs helm (make setup)"]
+fn a_namespace_or_release_named_no_stays_a_string() -> TestResult {
+    let chart = chart();
+    let chart = chart.to_string_lossy().into_owned();
+    let ci = format!("{chart}/ci/ci-values.yaml");
+    for ns in ["no", "on"] {
+        let rendered = run(Command::new(helm()?).args([
+            "template",
+            ns,
+            &chart,
+            "--namespace",
+            ns,
+            "--kube-version",
+            KUBE_VERSION,
+            "-f",
+            &ci,
+            "--set",
+            "serviceMonitor.enabled=true",
+        ]))?;
+        // Where the rendering holds booleans with the defaults (in
+        // namespace credbroker-system) is where it may hold them here.
+        let baseline = documents(&template(
+            BROKER_NS,
+            &["--set", "serviceMonitor.enabled=true"],
+        )?)?;
+        let expected = |kind: &str, name: &str| -> Vec<String> {
+            let mut out = Vec::new();
+            if let Some(d) = baseline
+                .iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            {
+                booleans(d, "", &mut out);
+            }
+            out
+        };
+        for doc in documents(&rendered)? {
+            // The uninstall hook is not this test's (it has its own owner).
+            if is_hook(&doc) {
+                continue;
+            }
+            let kind = doc["kind"].as_str().unwrap_or_default();
+            let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+            let mut found = Vec::new();
+            booleans(&doc, "", &mut found);
+            let allowed = expected(kind, name);
+            let wrong: Vec<&String> = found.iter().filter(|p| !allowed.contains(p)).collect();
+            check(wrong.is_empty(), || {
+                format!("in namespace {ns}, {kind} {name} turned {wrong:?} into booleans")
+            })?;
+        }
+        // And the namespace is where the policies and the registration
+        // look for it.
+        let docs = documents(&rendered)?;
+        let mwc = find(&docs, "MutatingWebhookConfiguration", "credbroker-webhook")?;
+        check(
+            mwc["webhooks"][0]["clientConfig"]["service"]["namespace"] == ns
+                && excluded_namespaces(&mwc["webhooks"][0]["namespaceSelector"])
+                    == [ns, "kube-system"],
+            || format!("in namespace {ns}: the registration {}", mwc["webhooks"][0]),
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs helm (make setup)"]
 fn default_rendering_equals_the_deploy_files() -> TestResult {
@@ -876,6 +1043,31 @@ fn cel_strings(expr: &str) -> TestResult<Vec<String>> {
         .filter(|s| !s.is_empty())
         .map(cel_string)
         .collect()
+}
+
+/// The user a policy's one matchCondition
+/// `request.userInfo.username == '<user>'` matches.
+fn matched_user(policy: &Value) -> TestResult<String> {
+    let conditions = policy["spec"]["matchConditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let [condition] = conditions.as_slice() else {
+        return Err(Failure(format!(
+            "{} has {} matchConditions, not one",
+            policy["metadata"]["name"],
+            conditions.len()
+        )));
+    };
+    let expr = condition["expression"].as_str().unwrap_or_default().trim();
+    let literal = expr
+        .strip_prefix("request.userInfo.username == ")
+        .ok_or_else(|| {
+            Failure(format!(
+                "{expr:?} is not request.userInfo.username == '...'"
+            ))
+        })?;
+    cel_string(literal)
 }
 
 fn var<'a>(vars: &'a BTreeMap<String, String>, name: &str) -> TestResult<&'a str> {
@@ -1031,6 +1223,26 @@ fn webhook_flags_equal_the_policies_cel_settings() -> TestResult {
         )?;
 
         let mwc = find(&docs, "MutatingWebhookConfiguration", "credbroker-webhook")?;
+        // Only the webhook's own ServiceAccount is held to changing only
+        // the caBundle, of exactly this configuration.
+        let mwc_policy = find(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            WEBHOOK_CONFIGURATION_POLICY,
+        )?;
+        let webhook_sa = find(&docs, "Deployment", "credbroker-webhook")?["spec"]["template"]
+            ["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or_default();
+        check(
+            matched_user(mwc_policy)? == format!("system:serviceaccount:{namespace}:{webhook_sa}"),
+            || at("the webhook-configuration policy does not match the webhook's ServiceAccount"),
+        )?;
+        check(
+            mwc_policy["spec"]["matchConstraints"]["resourceRules"][0]["resourceNames"]
+                == json!([mwc["metadata"]["name"]]),
+            || at("the webhook-configuration policy does not name the configuration"),
+        )?;
         for hook in mwc["webhooks"].as_array().into_iter().flatten() {
             check(
                 hook["clientConfig"]["service"]["namespace"] == namespace

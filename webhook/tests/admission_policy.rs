@@ -1,6 +1,7 @@
-//! The admission policies (`deploy/admission-policy.yaml`,
-//! `deploy/bindings-configmap-policy.yaml`) against a real kube-apiserver +
-//! etcd, as a user meets them: pods and ConfigMaps go in through the real
+//! The admission policies (`deploy/admission-policy.yaml`, which also holds
+//! the one that lets the webhook change only the caBundle of its
+//! registration, and `deploy/bindings-configmap-policy.yaml`) against a
+//! real kube-apiserver + etcd, as a user meets them: pods and ConfigMaps go in through the real
 //! `kubectl apply -f -`, whose stderr must carry the policy's message, and
 //! ephemeral containers through the `pods/ephemeralcontainers` subresource,
 //! whose API error must. The policies are applied as written; the cases
@@ -23,8 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use credbroker_crds::keys::{self, injected};
-use credbroker_test_support::apiserver::{Cluster, TestApiServer};
+use credbroker_test_support::apiserver::{
+    Cluster, SERVICE_ACCOUNT_ISSUER, TestApiServer, client_from_kubeconfig,
+};
 use credbroker_test_support::{Failure, TestResult, wait_until};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -32,6 +38,9 @@ use serde_json::{Value, json};
 const BROKER_NS: &str = "credbroker-system";
 const POLICY: &str = "credbroker-broker-token";
 const BINDINGS_POLICY: &str = "credbroker-bindings-configmaps";
+const WEBHOOK_CONFIGURATION_POLICY: &str = "credbroker-webhook-configuration";
+/// The webhook's registration (deploy/mutating-webhook.yaml).
+const REGISTRATION: &str = "credbroker-webhook";
 /// How long a new policy may take to become effective.
 const EFFECTIVE_WITHIN: Duration = Duration::from_secs(30);
 
@@ -681,6 +690,97 @@ fn the_policies_name_what_the_webhook_injects_and_match_its_defaults() -> TestRe
         "deploy/admission-params.yaml exists".into(),
     );
 
+    // The webhook-configuration policy holds exactly the webhook's
+    // ServiceAccount (rbac.yaml) to exactly the registration it may update,
+    // and compares every field of an entry but clientConfig.caBundle.
+    let (mwc_policy, mwc_vars) = policy("admission-policy.yaml", WEBHOOK_CONFIGURATION_POLICY)?;
+    let rbac = documents(&read_deploy("rbac.yaml")?)?;
+    let webhook_sa = rbac
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .ok_or_else(|| Failure("rbac.yaml has no ServiceAccount".into()))?;
+    let webhook_user = format!(
+        "system:serviceaccount:{}:{}",
+        webhook_sa["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default(),
+        webhook_sa["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let conditions: Vec<&str> = mwc_policy["spec"]["matchConditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["expression"].as_str())
+        .collect();
+    check(
+        "the webhook-configuration policy matches only the webhook's ServiceAccount",
+        conditions == [format!("request.userInfo.username == '{webhook_user}'")]
+            && webhook_sa["metadata"]["namespace"].as_str() == Some(p.broker_namespace.as_str()),
+        format!("{conditions:?} vs {webhook_user}"),
+    );
+    let may_update: Vec<Value> = rbac
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
+        .filter(|r| r["resources"] == json!(["mutatingwebhookconfigurations"]))
+        .flat_map(|r| r["resourceNames"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let matched = &mwc_policy["spec"]["matchConstraints"]["resourceRules"];
+    check(
+        "the webhook-configuration policy covers every UPDATE of what the webhook may update",
+        may_update == [json!(REGISTRATION)]
+            && matched
+                == &json!([{
+                    "apiGroups": ["admissionregistration.k8s.io"],
+                    "apiVersions": ["v1"],
+                    "operations": ["UPDATE"],
+                    "resources": ["mutatingwebhookconfigurations"],
+                    "resourceNames": [REGISTRATION],
+                }]),
+        format!("RBAC {may_update:?}, policy {matched}"),
+    );
+    // Every field of a MutatingWebhook (a struct literal: a field
+    // k8s-openapi adds fails to compile here) and of its clientConfig.
+    let every_field = serde_json::to_value(MutatingWebhook {
+        admission_review_versions: vec![],
+        client_config: WebhookClientConfig::default(),
+        failure_policy: Some(String::new()),
+        match_conditions: Some(vec![]),
+        match_policy: Some(String::new()),
+        name: String::new(),
+        namespace_selector: Some(Default::default()),
+        object_selector: Some(Default::default()),
+        reinvocation_policy: Some(String::new()),
+        rules: Some(vec![]),
+        side_effects: String::new(),
+        timeout_seconds: Some(0),
+    })?;
+    let WebhookClientConfig {
+        ca_bundle: _,
+        service: _,
+        url: _,
+    } = WebhookClientConfig::default();
+    let changes = variable(&mwc_vars, "changes")?;
+    let compared: Vec<String> = every_field
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .filter(|k| k != "name" && k != "clientConfig")
+        .map(|k| format!("w.?{k} == o.?{k}"))
+        .chain(
+            ["service", "url"]
+                .iter()
+                .map(|k| format!("w.?clientConfig.?{k} == o.?clientConfig.?{k}")),
+        )
+        .collect();
+    let missing: Vec<&String> = compared.iter().filter(|c| !changes.contains(*c)).collect();
+    check(
+        "the webhook-configuration policy compares every field but clientConfig.caBundle",
+        compared.len() == 12 && missing.is_empty() && !changes.contains("caBundle"),
+        format!("missing {missing:?}"),
+    );
+
     // The registration: opt-in decided before the call, never the broker's
     // namespace or kube-system.
     let registration = documents(&read_deploy("mutating-webhook.yaml")?)?;
@@ -692,6 +792,11 @@ fn the_policies_name_what_the_webhook_injects_and_match_its_defaults() -> TestRe
         "two webhook entries",
         hooks.len() == 2,
         format!("{}", hooks.len()),
+    );
+    check(
+        "the registration is the one the webhook-configuration policy names",
+        registration.first().map(|d| &d["metadata"]["name"]) == Some(&json!(REGISTRATION)),
+        format!("{:?}", registration.first().map(|d| &d["metadata"])),
     );
     for hook in &hooks {
         let name = hook["name"].as_str().unwrap_or_default();
@@ -1494,6 +1599,281 @@ async fn during_an_upgrade_both_releases_images_are_the_broker() -> TestResult {
             written.sidecar_image(),
             p.sidecar_image()
         )],
+    );
+    cases.finish()
+}
+
+// ---------------------------------------------------------------------------
+// The webhook's registration: its ServiceAccount changes only caBundle.
+
+/// Reads the registration through `api`, lets `edit` change it (as JSON),
+/// and replaces it as the webhook does (webhook/src/certs.rs, publish): a
+/// PUT of the object read, so the API server sees an UPDATE.
+async fn replace_registration(
+    api: &Api<MutatingWebhookConfiguration>,
+    dry_run: bool,
+    edit: impl FnOnce(&mut Value),
+) -> Result<MutatingWebhookConfiguration, kube::Error> {
+    let current = api.get(REGISTRATION).await?;
+    let mut value = serde_json::to_value(&current).map_err(kube::Error::SerdeError)?;
+    edit(&mut value);
+    let edited: MutatingWebhookConfiguration =
+        serde_json::from_value(value).map_err(kube::Error::SerdeError)?;
+    let params = PostParams {
+        dry_run,
+        field_manager: Some("credbroker-webhook".into()),
+    };
+    api.replace(REGISTRATION, &params, &edited).await
+}
+
+fn ca_bundle(pem: &str) -> Value {
+    use base64::Engine as _;
+    json!(base64::engine::general_purpose::STANDARD.encode(pem))
+}
+
+#[tokio::test]
+#[ignore = "needs kube-apiserver and etcd (KUBEBUILDER_ASSETS): run make setup"]
+async fn the_webhook_may_change_only_the_ca_bundle_of_its_registration() -> TestResult {
+    let (server, _) = setup().await?;
+    let admin_client = server.client().await?;
+    // The webhook's ServiceAccount bound to exactly its RBAC, and its
+    // registration as the chart installs it (the Service reference: the
+    // API server calls it only for opted-in pods, and no case here makes
+    // one).
+    server
+        .kubectl_apply(&read_deploy("rbac.yaml")?, &[])
+        .map_err(Failure)?;
+    server
+        .kubectl_apply(&read_deploy("mutating-webhook.yaml")?, &[])
+        .map_err(Failure)?;
+    let token = Cluster::new(admin_client.clone())
+        .token(
+            BROKER_NS,
+            "credbroker-webhook",
+            &[SERVICE_ACCOUNT_ISSUER],
+            Duration::from_secs(3600),
+        )
+        .await?;
+    let kubeconfig = server.dir().join("credbroker-webhook-sa.kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_for_token(&token))?;
+    let as_webhook =
+        Api::<MutatingWebhookConfiguration>::all(client_from_kubeconfig(&kubeconfig).await?);
+    let as_admin = Api::<MutatingWebhookConfiguration>::all(admin_client);
+    let user = format!("system:serviceaccount:{BROKER_NS}:credbroker-webhook");
+    let ours = format!(
+        "ValidatingAdmissionPolicy '{WEBHOOK_CONFIGURATION_POLICY}' with binding \
+         '{WEBHOOK_CONFIGURATION_POLICY}' denied request: credbroker: {user} may change only \
+         clientConfig.caBundle of MutatingWebhookConfiguration {REGISTRATION}"
+    );
+    // In force once a change it must refuse is refused by it (dry run).
+    wait_until(
+        "the webhook-configuration policy to refuse a probe",
+        EFFECTIVE_WITHIN,
+        || {
+            let (api, ours) = (&as_webhook, &ours);
+            async move {
+                let outcome = replace_registration(api, true, |v| {
+                    v["webhooks"][0]["failurePolicy"] = json!("Ignore");
+                })
+                .await;
+                match outcome {
+                    Err(kube::Error::Api(s)) if s.message.contains(ours.as_str()) => Ok(()),
+                    Err(e) => Err(format!("refused, but not by the policy yet: {e}")),
+                    Ok(_) => Err("still admitted".into()),
+                }
+            }
+        },
+    )
+    .await?;
+
+    let mut cases = Cases::new(&server, "webhook-configuration");
+    let refused = |cases: &mut Cases<'_>,
+                   what: &str,
+                   result: Result<MutatingWebhookConfiguration, kube::Error>,
+                   expect: &str| {
+        match result {
+            Ok(_) => cases.record(what, false, "admitted".into()),
+            Err(kube::Error::Api(status)) => {
+                let message = &status.message;
+                cases.record(
+                    what,
+                    status.code == 403 && message.contains(&ours) && message.contains(expect),
+                    format!(
+                        "refused ({}), message lacks {expect:?}: {message}",
+                        status.code
+                    ),
+                )
+            }
+            Err(e) => cases.record(what, false, format!("failed otherwise: {e}")),
+        }
+    };
+
+    // What the webhook does: every entry's caBundle to its CA bundle.
+    let bundle = ca_bundle("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+    let result = replace_registration(&as_webhook, false, |v| {
+        for hook in v["webhooks"].as_array_mut().into_iter().flatten() {
+            hook["clientConfig"]["caBundle"] = bundle.clone();
+        }
+    })
+    .await;
+    cases.api_admitted(
+        "the webhook's ServiceAccount changing every caBundle",
+        result,
+    );
+    let rotated = ca_bundle("-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n");
+    let result = replace_registration(&as_webhook, false, |v| {
+        v["webhooks"][1]["clientConfig"]["caBundle"] = rotated.clone();
+    })
+    .await;
+    cases.api_admitted("the webhook's ServiceAccount changing one caBundle", result);
+
+    // Anything else it may not, however it is dressed.
+    let namespaced = "webhook namespaced.inject.credbroker.dev";
+    let labelled = "webhook labelled.inject.credbroker.dev";
+    let result = replace_registration(&as_webhook, false, |v| {
+        v["webhooks"][0]["rules"][0]["resources"] = json!(["*"]);
+        v["webhooks"][0]["rules"][0]["apiGroups"] = json!(["*"]);
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount widening the rules to every resource",
+        result,
+        &format!("; it changed {namespaced}: rules"),
+    );
+    let result = replace_registration(&as_webhook, false, |v| {
+        v["webhooks"][1]["namespaceSelector"] = json!({});
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount widening the namespaceSelector to every namespace",
+        result,
+        &format!("; it changed {labelled}: namespaceSelector"),
+    );
+    let result = replace_registration(&as_webhook, false, |v| {
+        for hook in v["webhooks"].as_array_mut().into_iter().flatten() {
+            hook["failurePolicy"] = json!("Ignore");
+        }
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount setting failurePolicy Ignore",
+        result,
+        &format!("; it changed {namespaced}: failurePolicy; {labelled}: failurePolicy"),
+    );
+    let result = replace_registration(&as_webhook, false, |v| {
+        let mut extra = v["webhooks"][0].clone();
+        extra["name"] = json!("everything.example.dev");
+        if let Some(hooks) = v["webhooks"].as_array_mut() {
+            hooks.push(extra);
+        }
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount adding a webhook",
+        result,
+        ", not which webhooks it has: [namespaced.inject.credbroker.dev, \
+         labelled.inject.credbroker.dev] became [namespaced.inject.credbroker.dev, \
+         labelled.inject.credbroker.dev, everything.example.dev]",
+    );
+    let result = replace_registration(&as_webhook, false, |v| {
+        if let Some(hooks) = v["webhooks"].as_array_mut() {
+            hooks.truncate(1);
+        }
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount removing a webhook",
+        result,
+        "not which webhooks it has",
+    );
+    let result = replace_registration(&as_webhook, false, |v| {
+        v["webhooks"][0]["clientConfig"] = json!({
+            "url": "https://collector.example/mutate",
+            "caBundle": v["webhooks"][0]["clientConfig"]["caBundle"].clone(),
+        });
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount pointing a webhook at a URL",
+        result,
+        &format!("; it changed {namespaced}: clientConfig.service, clientConfig.url"),
+    );
+    let result = replace_registration(&as_webhook, false, |v| {
+        if let Some(hook) = v["webhooks"][1].as_object_mut() {
+            hook.remove("matchConditions");
+            hook.remove("objectSelector");
+        }
+        v["webhooks"][1]["timeoutSeconds"] = json!(30);
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount dropping the opt-in and the timeout",
+        result,
+        &format!("; it changed {labelled}: objectSelector, matchConditions, timeoutSeconds"),
+    );
+    // A caBundle change does not carry another one through.
+    let result = replace_registration(&as_webhook, false, |v| {
+        v["webhooks"][0]["clientConfig"]["caBundle"] = bundle.clone();
+        v["webhooks"][0]["reinvocationPolicy"] = json!("Never");
+    })
+    .await;
+    refused(
+        &mut cases,
+        "the webhook's ServiceAccount changing a caBundle and reinvocationPolicy at once",
+        result,
+        &format!("; it changed {namespaced}: reinvocationPolicy"),
+    );
+
+    // The configuration holds the webhook's caBundles and nothing else of
+    // what it tried.
+    let stored = serde_json::to_value(as_admin.get(REGISTRATION).await?)?;
+    let expected: Value = documents(&read_deploy("mutating-webhook.yaml")?)?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let same = stored["webhooks"].as_array().map(Vec::len) == Some(2)
+        && stored["webhooks"][0]["clientConfig"]["caBundle"] == bundle
+        && stored["webhooks"][1]["clientConfig"]["caBundle"] == rotated
+        && [
+            "rules",
+            "namespaceSelector",
+            "failurePolicy",
+            "matchConditions",
+        ]
+        .iter()
+        .all(|f| (0..2).all(|i| stored["webhooks"][i][f] == expected["webhooks"][i][f]));
+    cases.record(
+        "the registration holds the new caBundles and nothing else changed",
+        same,
+        format!("{stored}"),
+    );
+
+    // Admins (and anyone but the webhook) are not held to it.
+    let result = replace_registration(&as_admin, false, |v| {
+        v["webhooks"][0]["failurePolicy"] = json!("Ignore");
+        v["webhooks"][1]["namespaceSelector"] = json!({});
+        v["webhooks"][1]["rules"][0]["operations"] = json!(["CREATE", "UPDATE"]);
+    })
+    .await;
+    cases.api_admitted(
+        "an admin changing failurePolicy, namespaceSelector and rules",
+        result,
+    );
+    // Put back as the file has it.
+    let result = replace_registration(&as_admin, false, |v| {
+        v["webhooks"] = expected["webhooks"].clone();
+    })
+    .await;
+    cases.api_admitted(
+        "an admin putting the registration back as the file has it",
+        result,
     );
     cases.finish()
 }

@@ -7,7 +7,7 @@ admission policies, the docs and the webhook's defaults name them.
 {{- define "credbroker.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/part-of: credbroker
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end -}}
@@ -15,7 +15,7 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{/* The selector labels of a component: (dict "ctx" $ "component" "controller"). */}}
 {{- define "credbroker.selectorLabels" -}}
 app.kubernetes.io/name: credbroker-{{ .component }}
-app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name | quote }}
 {{- end -}}
 
 {{/* A component's labels (its selector labels among them: the common ones carry the instance). */}}
@@ -79,6 +79,11 @@ tag "sha256:..." is a digest (repository@sha256:...).
 system:serviceaccount:{{ .Release.Namespace }}:credbroker-controller
 {{- end -}}
 
+{{/* The webhook's ServiceAccount as the API server names its user. */}}
+{{- define "credbroker.webhookUser" -}}
+system:serviceaccount:{{ .Release.Namespace }}:credbroker-webhook
+{{- end -}}
+
 {{/* The hardened container securityContext of the controller and the webhook. */}}
 {{- define "credbroker.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
@@ -119,5 +124,8 @@ podAntiAffinity:
 {{- define "credbroker.validate" -}}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.controlPlaneCidrs) (not .Values.networkPolicy.webhookFrom) -}}
 {{- fail "networkPolicy.enabled needs networkPolicy.controlPlaneCidrs or networkPolicy.webhookFrom: otherwise the API server cannot reach the webhook and every opted-in pod is refused" -}}
+{{- end -}}
+{{- if eq (toString .Values.brokerAudience) (toString .Values.vault.controllerAudience) -}}
+{{- fail (printf "brokerAudience and vault.controllerAudience are both %q: they must differ, or the controller's Vault login token would be a broker token, which the sidecars' Vault roles accept and the admission policy reserves for the injected sidecar" (toString .Values.brokerAudience)) -}}
 {{- end -}}
 {{- end -}}
