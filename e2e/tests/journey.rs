@@ -54,6 +54,10 @@ const SIDECAR_IMAGE: &str = "ghcr.io/credbroker/credbroker-sidecar:0.1.0";
 const INIT_IMAGE: &str = "ghcr.io/credbroker/credbroker-init:0.1.0";
 const AGENT_IMAGE: &str = "credbroker.test/agent:journey";
 const AGENT_UID: u32 = 1000;
+/// The controller's identity and the audience its Vault role requires (the
+/// chart's defaults).
+const CONTROLLER_SA: &str = "credbroker-controller";
+const CONTROLLER_AUDIENCE: &str = "vault";
 /// The binding's poll interval: rotation must show within this + 1 s.
 const REFRESH: Duration = Duration::from_secs(3);
 
@@ -221,7 +225,8 @@ impl Parts {
         // controller, plus a TLS listener for pods (in-pod sidecars verify
         // Vault's certificate) with a certificate for VAULT_HOST.
         let ca = TestCa::new("journey Vault CA")?;
-        let leaf = ca.issue_server(&[VAULT_HOST])?;
+        // The pods dial VAULT_HOST; the controller, on the host, 127.0.0.1.
+        let leaf = ca.issue_server(&[VAULT_HOST, "127.0.0.1"])?;
         let vault_ca = dir.path().join("vault-ca.pem");
         std::fs::write(&vault_ca, ca.cert_pem())?;
         let (cert, key) = (dir.path().join("vault.crt"), dir.path().join("vault.key"));
@@ -256,9 +261,28 @@ impl Parts {
             "secret",
         ]))?;
         vault.write_policy("credbroker-controller", &policy).await?;
-        let controller_token = vault.create_token(&["credbroker-controller"]).await?;
+        // As the chart runs it: Kubernetes auth with a token of the
+        // `vault` audience (vault.controllerAudience), over verified TLS.
+        vault.bao(&[
+            "write",
+            "auth/kubernetes/role/credbroker-controller",
+            &format!("bound_service_account_names={CONTROLLER_SA}"),
+            &format!("bound_service_account_namespaces={SYSTEM_NS}"),
+            &format!("audience={CONTROLLER_AUDIENCE}"),
+            "token_policies=credbroker-controller",
+            "token_no_default_policy=true",
+            "token_ttl=10m",
+        ])?;
+        let controller_jwt = cluster
+            .token(
+                SYSTEM_NS,
+                CONTROLLER_SA,
+                &[CONTROLLER_AUDIENCE],
+                Duration::from_secs(3600),
+            )
+            .await?;
         let token_file = dir.path().join("controller-vault-token");
-        std::fs::write(&token_file, &controller_token)?;
+        std::fs::write(&token_file, &controller_jwt)?;
         let kubeconfig = |sa: &'static str| {
             let (cluster, server, dir) = (&cluster, &server, dir.path().to_path_buf());
             async move {
@@ -281,11 +305,16 @@ impl Parts {
             "--cluster-id",
             CLUSTER_ID,
             "--vault-addr",
-            vault.addr(),
-            "--vault-allow-http",
+            &format!("https://127.0.0.1:{tls_port}"),
+            "--vault-ca-file",
+            &vault_ca.display().to_string(),
             "--vault-auth",
-            "token",
-            "--vault-token-file",
+            "kubernetes",
+            "--vault-auth-mount",
+            "kubernetes",
+            "--vault-role",
+            "credbroker-controller",
+            "--vault-jwt-file",
             &token_file.display().to_string(),
             "--admin-addr",
             &format!("127.0.0.1:{controller_admin}"),
@@ -372,7 +401,7 @@ impl Parts {
             controller_admin,
             webhook,
             dir,
-            secrets: vec![controller_token],
+            secrets: vec![controller_jwt],
         };
         parts.wait_ca_bundle().await?;
         Ok(parts)
