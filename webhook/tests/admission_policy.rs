@@ -1779,6 +1779,32 @@ async fn the_webhook_may_change_only_the_ca_bundle_of_its_registration() -> Test
          labelled.inject.credbroker.dev] became [namespaced.inject.credbroker.dev, \
          labelled.inject.credbroker.dev, everything.example.dev]",
     );
+    for (what, field, value) in [
+        (
+            "an ownerReference to a missing owner (the garbage collector would delete it)",
+            "ownerReferences",
+            json!([{ "apiVersion": "v1", "kind": "ConfigMap", "name": "gone",
+                     "uid": "00000000-0000-0000-0000-000000000000" }]),
+        ),
+        ("a finalizer", "finalizers", json!(["example.dev/hold"])),
+        (
+            "an annotation",
+            "annotations",
+            json!({ "cert-manager.io/inject-ca-from": "elsewhere/ca" }),
+        ),
+        ("a label", "labels", json!({ "example.dev/x": "y" })),
+    ] {
+        let result = replace_registration(&as_webhook, false, |v| {
+            v["metadata"][field] = value.clone();
+        })
+        .await;
+        refused(
+            &mut cases,
+            &format!("the webhook's ServiceAccount adding {what}"),
+            result,
+            "not its labels, annotations, ownerReferences or finalizers",
+        );
+    }
     let result = replace_registration(&as_webhook, false, |v| {
         if let Some(hooks) = v["webhooks"].as_array_mut() {
             hooks.truncate(1);
