@@ -551,6 +551,8 @@ struct Identity {
     bounding: Vec<String>,
     no_new_privs: bool,
     seccomp: bool,
+    /// The spec sets LC_CTYPE, so the seccomp shim must not drop it.
+    keep_lc_ctype: bool,
 }
 
 fn identity(pod: &Pod, c: &Container, field: &str) -> Result<Identity> {
@@ -662,6 +664,7 @@ fn identity(pod: &Pod, c: &Container, field: &str) -> Result<Identity> {
         bounding,
         no_new_privs,
         seccomp,
+        keep_lc_ctype: false,
     })
 }
 
@@ -738,6 +741,8 @@ for name in denied:
 f.load()
 env = dict(os.environ)
 env.pop("PYTHONCOERCECLOCALE", None)
+if sys.argv[2] != "keep-lc-ctype":
+    env.pop("LC_CTYPE", None)  # Python's C-locale coercion set it
 os.execvpe(argv[0], argv, env)
 "#;
 
@@ -941,7 +946,7 @@ impl RunningPod {
         resolv: &Path,
         grace: Duration,
     ) -> Result<RunningContainer> {
-        let identity = identity(pod, c, field)?;
+        let mut identity = identity(pod, c, field)?;
         let image = c.image.clone().unwrap_or_default();
         let files = self.node.images.images.get(&image).ok_or_else(|| {
             unsupported(
@@ -953,6 +958,7 @@ impl RunningPod {
             ("PATH".into(), DEFAULT_PATH.into()),
             ("HOSTNAME".into(), self.name.clone()),
         ];
+        let mut spec_env: Vec<(String, String)> = Vec::new();
         for (i, e) in c.env.clone().unwrap_or_default().iter().enumerate() {
             let value = match (&e.value, &e.value_from) {
                 (Some(v), None) => v.clone(),
@@ -974,8 +980,15 @@ impl RunningPod {
                     ));
                 }
             };
-            // `$(NAME)` refers to the entries before this one.
-            let value = expand(&value, &env);
+            // `$(NAME)` in a literal value refers to the spec's entries
+            // before this one (not a fieldRef's result, not PATH/HOSTNAME).
+            let value = if e.value.is_some() {
+                expand(&value, &spec_env)
+            } else {
+                value
+            };
+            spec_env.retain(|(k, _)| k != &e.name);
+            spec_env.push((e.name.clone(), value.clone()));
             // A later entry of the same name wins, as in the kubelet.
             env.retain(|(k, _)| k != &e.name);
             env.push((e.name.clone(), value));
@@ -986,7 +999,7 @@ impl RunningPod {
             .unwrap_or_default()
             .into_iter()
             .chain(c.args.clone().unwrap_or_default())
-            .map(|a| expand(&a, &env))
+            .map(|a| expand(&a, &spec_env))
             .collect();
         if argv.is_empty() {
             return Err(unsupported(
@@ -994,6 +1007,7 @@ impl RunningPod {
                 "an image's default entrypoint is not implemented: give command",
             ));
         }
+        identity.keep_lc_ctype = env.iter().any(|(k, _)| k == "LC_CTYPE");
         let cgroups = self.cgroups_for(c, field)?;
         let launch = self.launch(
             c, field, &identity, files, volumes, resolv, &cgroups, &env, argv,
@@ -1210,15 +1224,19 @@ impl RunningPod {
             "rm -f \"$R/etc/resolv.conf\"; touch \"$R/etc/resolv.conf\"; mount --bind {} \"$R/etc/resolv.conf\"",
             sh_quote(&resolv.display().to_string())
         );
+        // Mount points are made first, then the root goes read-only (if
+        // the spec says so), then the binds: a volume on top of a read-only
+        // path stays writable, as in a runtime.
+        let mut binds = String::new();
         for (inside, host) in files {
             let q = sh_quote(&resolve_in_root(inside).display().to_string());
             let _ = writeln!(s, "mkdir -p \"$R$(dirname {q})\"; touch \"$R\"{q}");
             let _ = writeln!(
-                s,
+                binds,
                 "mount --bind {} \"$R\"{q}",
                 sh_quote(&host.display().to_string())
             );
-            let _ = writeln!(s, "mount -o remount,bind,ro \"$R\"{q}");
+            let _ = writeln!(binds, "mount -o remount,bind,ro \"$R\"{q}");
         }
         for (i, m) in c
             .volume_mounts
@@ -1242,12 +1260,12 @@ impl RunningPod {
             let q = sh_quote(&resolve_in_root(&m.mount_path).display().to_string());
             let _ = writeln!(s, "mkdir -p \"$R\"{q}");
             let _ = writeln!(
-                s,
+                binds,
                 "mount --bind {} \"$R\"{q}",
                 sh_quote(&host.display().to_string())
             );
             if m.read_only == Some(true) {
-                let _ = writeln!(s, "mount -o remount,bind,ro \"$R\"{q}");
+                let _ = writeln!(binds, "mount -o remount,bind,ro \"$R\"{q}");
             }
         }
         let _ = writeln!(
@@ -1255,7 +1273,7 @@ impl RunningPod {
             "mkdir -p \"$R/.pod-runner\"; touch \"$R/.pod-runner/seccomp.py\""
         );
         let _ = writeln!(
-            s,
+            binds,
             "mount --bind {} \"$R/.pod-runner/seccomp.py\"",
             sh_quote(&self.shim.display().to_string())
         );
@@ -1267,12 +1285,14 @@ impl RunningPod {
         if read_only_root {
             // The runner's fresh /tmp and /run are part of the image's root
             // for a runtime: read-only with it.
+            // (bind: this mount point only, never a volume's filesystem)
             let _ = writeln!(
                 s,
-                "mount -o remount,ro \"$R/tmp\"; mount -o remount,ro \"$R/run\""
+                "mount -o remount,bind,ro \"$R/tmp\"; mount -o remount,bind,ro \"$R/run\""
             );
             let _ = writeln!(s, "mount -o remount,ro \"$R\"");
         }
+        s.push_str(&binds);
         let _ = writeln!(s, "cd \"$R\"");
         let _ = writeln!(
             s,
@@ -1316,7 +1336,12 @@ impl RunningPod {
                 "-I".to_owned(),
                 "/.pod-runner/seccomp.py".to_owned(),
                 RUNTIME_DEFAULT_DENIED.join(","),
-                "--".to_owned(),
+                if id.keep_lc_ctype {
+                    "keep-lc-ctype"
+                } else {
+                    "--"
+                }
+                .to_owned(),
             ]);
         }
         p

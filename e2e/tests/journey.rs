@@ -785,6 +785,12 @@ async fn journey(
         pod.env_of("agent")?,
         "the agent's environment is the spec's"
     );
+    // The same for the sidecar, which runs under the seccomp shim.
+    assert_eq!(
+        pod.process_environ("credbroker-sidecar")?,
+        pod.env_of("credbroker-sidecar")?,
+        "the sidecar's environment is the spec's"
+    );
     let agent_key = env
         .iter()
         .find(|(k, _)| k == "OPENAI_API_KEY")
@@ -997,7 +1003,16 @@ async fn journey(
         "200",
         "the sidecar's token logs in from the pod's network"
     );
+    // A valid token of the agent's own ServiceAccount, but with the API
+    // server's audience (what a default token would carry): the role
+    // requires the broker audience, so Vault refuses it.
+    let wrong_audience = parts
+        .cluster
+        .token(NS, SA, &[SERVICE_ACCOUNT_ISSUER], Duration::from_secs(600))
+        .await?;
+    parts.secrets.push(wrong_audience.clone());
     for jwt in [
+        wrong_audience,
         placeholder.to_owned(),
         "$(cat /var/run/secrets/kubernetes.io/serviceaccount/token 2>&1)".to_owned(),
         "$(cat /var/run/secrets/credbroker/token 2>&1)".to_owned(),
