@@ -189,6 +189,7 @@ struct Observer {
     serving: Arc<ServingCert>,
     samples: Vec<Sample>,
     seen_bundle: bool,
+    seen_served: bool,
 }
 
 impl Observer {
@@ -199,6 +200,7 @@ impl Observer {
             serving: serving.clone(),
             samples: Vec::new(),
             seen_bundle: false,
+            seen_served: false,
         }
     }
 
@@ -237,10 +239,15 @@ impl Observer {
             return;
         }
         self.seen_bundle = true;
-        let served = s
-            .served
-            .as_ref()
-            .expect("a published bundle, and nothing served");
+        let Some(served) = s.served.as_ref() else {
+            // The observed replica has not loaded the certificate yet (a
+            // follower reads it from the Secret the leader wrote): it is not
+            // ready until it has, so no request reaches it. Once it has
+            // served one, it must never serve none.
+            assert!(!self.seen_served, "the served certificate disappeared");
+            return;
+        };
+        self.seen_served = true;
         for (i, bundle) in s.bundles.iter().enumerate() {
             let bundle = bundle
                 .as_ref()
