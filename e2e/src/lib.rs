@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+pub mod chart;
 pub mod pod_runner;
 
 /// What went wrong in a pod-runner or journey step.

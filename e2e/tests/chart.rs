@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use credbroker_e2e::chart::{
+    BROKER_NS, KUBE_VERSION, chart, documents, find, helm, root, template,
+};
 use credbroker_test_support::apiserver::{Cluster, TestApiServer};
 use credbroker_test_support::{Failure, TestResult, find_binary, run};
 use serde_json::{Value, json};
@@ -37,26 +40,9 @@ use serde_json::{Value, json};
 const NEEDS_HELM: &str = "needs helm (make setup)";
 const NEEDS_ALL: &str = "needs helm and kube-apiserver (make setup)";
 /// The Kubernetes version the chart is rendered for: the test API server's.
-const KUBE_VERSION: &str = "v1.36.3";
-const BROKER_NS: &str = "credbroker-system";
 /// The policy that lets the webhook change only the caBundle of its
 /// MutatingWebhookConfiguration.
 const WEBHOOK_CONFIGURATION_POLICY: &str = "credbroker-webhook-configuration";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn chart() -> PathBuf {
-    root().join("charts/credbroker")
-}
-
-fn helm() -> TestResult<PathBuf> {
-    Ok(find_binary("CREDBROKER_HELM", "helm")?)
-}
 
 fn kubeconform() -> TestResult<PathBuf> {
     Ok(find_binary("CREDBROKER_KUBECONFORM", "kubeconform")?)
@@ -64,17 +50,6 @@ fn kubeconform() -> TestResult<PathBuf> {
 
 fn read(path: &Path) -> TestResult<String> {
     std::fs::read_to_string(path).map_err(|e| Failure(format!("reading {}: {e}", path.display())))
-}
-
-/// `helm template` of the chart into `ns`, with the CI values and `args`.
-fn template(ns: &str, args: &[&str]) -> TestResult<String> {
-    let chart = chart();
-    Ok(run(Command::new(helm()?)
-        .args(["template", "credbroker"])
-        .arg(&chart)
-        .args(["--namespace", ns, "--kube-version", KUBE_VERSION, "-f"])
-        .arg(chart.join("ci/ci-values.yaml"))
-        .args(args))?)
 }
 
 /// Runs helm with `args`: (succeeded, stdout + stderr).
@@ -91,25 +66,6 @@ fn helm_output(args: &[&str]) -> TestResult<(bool, String)> {
             String::from_utf8_lossy(&out.stderr)
         ),
     ))
-}
-
-/// The YAML documents of a stream (empty ones dropped).
-fn documents(text: &str) -> TestResult<Vec<Value>> {
-    use serde::Deserialize as _;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = Value::deserialize(doc).map_err(|e| Failure(format!("YAML: {e}")))?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> TestResult<&'a Value> {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .ok_or_else(|| Failure(format!("the rendering has no {kind} {name}")))
 }
 
 fn is_hook(doc: &Value) -> bool {
@@ -674,7 +630,7 @@ fn pods_are_hardened_highly_available_and_probed() -> TestResult {
             "ValidatingAdmissionPolicyBinding",
         ] {
             find(&docs, kind, WEBHOOK_CONFIGURATION_POLICY)
-                .map_err(|e| Failure(format!("{what}: {}", e.0)))?;
+                .map_err(|e| Failure(format!("{what}: {e}")))?;
         }
         if what.starts_with("cert-manager") {
             check(flag(&wf, "--cert-mode")? == "provided", || {
@@ -840,7 +796,9 @@ fn the_binaries_accept_the_flags_the_chart_gives_them() -> TestResult {
 fn deploy_docs(file: &str, ns: &str) -> TestResult<Vec<Value>> {
     // The files name the broker's namespace credbroker-system; a chart
     // installed elsewhere puts its own everywhere that name is.
-    documents(&read(&root().join(file))?.replace("credbroker-system", ns))
+    Ok(documents(
+        &read(&root().join(file))?.replace("credbroker-system", ns),
+    )?)
 }
 
 fn labels_include(have: &Value, want: &Value) -> bool {
@@ -1595,7 +1553,7 @@ async fn the_uninstall_hook_removes_only_the_controllers_finalizer() -> TestResu
     let hook_rbac: Vec<Value> = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
         .iter()
         .map(|k| find(&docs, k, "credbroker-uninstall").cloned())
-        .collect::<TestResult<_>>()?;
+        .collect::<credbroker_e2e::Result<_>>()?;
     api.kubectl_apply(
         &json!({"apiVersion": "v1", "kind": "List", "items": hook_rbac}).to_string(),
         &[],

@@ -13,61 +13,17 @@
 //!
 //! The helpers are minimal copies of e2e/tests/chart.rs's.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use credbroker_e2e::chart::{BROKER_NS, documents, find, root, template};
 use credbroker_test_support::apiserver::{Cluster, SERVICE_ACCOUNT_ISSUER, TestApiServer};
-use credbroker_test_support::{Failure, TestResult, find_binary, run};
+use credbroker_test_support::{Failure, TestResult, run};
 use serde_json::{Value, json};
 
 /// The Kubernetes version the chart is rendered for: the test API server's.
-const KUBE_VERSION: &str = "v1.36.3";
-const BROKER_NS: &str = "credbroker-system";
 const CHECK: &str = "credbroker-uninstall-check";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-/// `helm template` of the chart, with the CI values and `args`.
-fn template(args: &[&str]) -> TestResult<String> {
-    let chart = root().join("charts/credbroker");
-    Ok(run(Command::new(find_binary("CREDBROKER_HELM", "helm")?)
-        .args(["template", "credbroker"])
-        .arg(&chart)
-        .args([
-            "--namespace",
-            BROKER_NS,
-            "--kube-version",
-            KUBE_VERSION,
-            "-f",
-        ])
-        .arg(chart.join("ci/ci-values.yaml"))
-        .args(args))?)
-}
-
-/// The YAML documents of a stream (empty ones dropped).
-fn documents(text: &str) -> TestResult<Vec<Value>> {
-    use serde::Deserialize as _;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = Value::deserialize(doc).map_err(|e| Failure(format!("YAML: {e}")))?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> TestResult<&'a Value> {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .ok_or_else(|| Failure(format!("the rendering has no {kind} {name}")))
-}
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> TestResult {
     if ok { Ok(()) } else { Err(Failure(what())) }
@@ -95,7 +51,7 @@ fn weight(doc: &Value) -> TestResult<i64> {
 #[test]
 #[ignore = "needs helm and kube-apiserver: run make test"]
 fn the_pre_delete_hook_checks_for_bindings_with_list_only_rights() -> TestResult {
-    let docs = documents(&template(&[])?)?;
+    let docs = documents(&template(BROKER_NS, &[])?)?;
     let job = find(&docs, "Job", CHECK)?;
     let pod = &job["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
@@ -182,7 +138,10 @@ fn the_pre_delete_hook_checks_for_bindings_with_list_only_rights() -> TestResult
 #[test]
 #[ignore = "needs helm and kube-apiserver: run make test"]
 fn allow_with_bindings_renders_no_pre_delete_hook() -> TestResult {
-    let docs = documents(&template(&["--set", "uninstall.allowWithBindings=true"])?)?;
+    let docs = documents(&template(
+        BROKER_NS,
+        &["--set", "uninstall.allowWithBindings=true"],
+    )?)?;
     check(
         !docs.iter().any(|d| {
             d["metadata"]["name"] == CHECK || annotation(d, "helm.sh/hook") == "pre-delete"
@@ -235,11 +194,11 @@ async fn the_check_refuses_while_a_binding_exists() -> TestResult {
         _ => {}
     }
     // The hook's ServiceAccount and RBAC, as rendered, applied for real.
-    let docs = documents(&template(&[])?)?;
+    let docs = documents(&template(BROKER_NS, &[])?)?;
     let hook_rbac: Vec<Value> = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
         .iter()
         .map(|k| find(&docs, k, CHECK).cloned())
-        .collect::<TestResult<_>>()?;
+        .collect::<credbroker_e2e::Result<_>>()?;
     api.kubectl_apply(
         &json!({"apiVersion": "v1", "kind": "List", "items": hook_rbac}).to_string(),
         &[],
